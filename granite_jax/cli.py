@@ -1,0 +1,40 @@
+"""The `granite-jax` command. Each subcommand lives in the module that owns it and is imported only when run, so
+`granite-jax --help` stays instant; a subcommand's entry point takes its argument list and returns an exit code."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> ("module:function", one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "quickstart": ("granite_jax.quickstart:main", "prepare the demo corpus, train a small hybrid model on CPU, export it"),
+    "prepare": ("data_pipelines.cli:prepare_main", "tokenize raw text into ArrayRecord shards (or --demo)"),
+    "merge-manifests": ("data_pipelines.cli:merge_main", "combine the manifests of a prepare run split with --shard"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: granite-jax COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "Run `granite-jax COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"granite-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, func_name = COMMANDS[name][0].split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Model configuration: every field of transformers' `GraniteMoeHybridConfig`, plus framework fields.
+
+`ModelConfig.from_hf` reads a Hugging Face `config.json` (dict or path), `to_hf` writes one that transformers loads.
+`preset(name)` gives the released Granite 4.0 shapes and small debug models; `param_count` counts parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+# Transformers 5.x spells the layer types "linear_attention" / "full_attention"; released checkpoints use
+# "mamba" / "attention". We normalise to the latter.
+_LAYER_TYPE_ALIASES = {
+    "mamba": "mamba",
+    "linear_attention": "mamba",
+    "attention": "attention",
+    "full_attention": "attention",
+}
+_DTYPES = ("float32", "bfloat16", "float16")
+SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
+MOE_IMPLS = ("auto", "ragged_dot", "dense")
+
+# Keys of a Hugging Face config that carry no model semantics for us (bookkeeping written by transformers).
+_HF_IGNORED_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map", "_name_or_path",
+    "output_router_logits", "use_cache", "return_dict", "output_hidden_states", "output_attentions",
+    "is_encoder_decoder", "tie_encoder_decoder", "id2label", "label2id", "problem_type", "layers_block_type",
+    "normalization_function", "init_method", "rope_scaling", "chunk_size_feed_forward", "tokenizer_class",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and semantics of a Granite 4.0 hybrid model.
+
+    The first block mirrors `GraniteMoeHybridConfig` field for field (same names, same defaults as the released
+    models where transformers' defaults are placeholders). The second block is ours: dtypes and kernel choices,
+    never written to a Hugging Face config.
+    """
+
+    vocab_size: int = 100352
+    hidden_size: int = 768
+    intermediate_size: int = 2048  # unused by the model (kept for round-trips); experts use `intermediate_size`
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 12
+    num_key_value_heads: int = 4
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 131072
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    pad_token_id: int | None = 100256
+    bos_token_id: int | None = 100257
+    eos_token_id: int | None = 100257
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    embedding_multiplier: float = 12.0
+    logits_scaling: float = 1.0
+    residual_multiplier: float = 0.22
+    attention_multiplier: float = 1.0
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    router_aux_loss_coef: float = 0.01
+    shared_intermediate_size: int = 2048
+    position_embedding_type: str | None = None
+    layer_types: tuple[str, ...] | None = None
+    mamba_n_heads: int = 48
+    mamba_n_groups: int = 1
+    mamba_d_state: int = 128
+    mamba_d_head: int | None = None  # None = "auto": mamba_expand * hidden_size // mamba_n_heads
+    mamba_d_conv: int = 4
+    mamba_expand: int = 2
+    mamba_chunk_size: int = 256
+    mamba_conv_bias: bool = True
+    mamba_proj_bias: bool = False
+    time_step_limit: tuple[float, float] = (0.0, float("inf"))
+
+    # Framework fields (not part of the Hugging Face config).
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype
+    ssd_impl: str = "auto"
+    ssd_interpret: bool = False  # run a Pallas SSD kernel in interpret mode (CPU tests)
+    moe_impl: str = "auto"
+    router_z_loss_coef: float = 0.0
+    remat: str = "none"  # activation rematerialisation per layer: "none" | "full" | "dots"
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            object.__setattr__(self, "layer_types", ("mamba",) * self.num_hidden_layers)
+        else:
+            object.__setattr__(self, "layer_types", tuple(_normalise_layer_type(t) for t in self.layer_types))
+        if self.mamba_d_head is None and self.mamba_n_heads:
+            object.__setattr__(self, "mamba_d_head", self.mamba_intermediate_size // self.mamba_n_heads)
+        object.__setattr__(self, "time_step_limit", tuple(float(v) for v in self.time_step_limit))
+        self.validate()
+
+    # Derived sizes -------------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def mamba_intermediate_size(self) -> int:
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_conv_dim(self) -> int:
+        return self.mamba_intermediate_size + 2 * self.mamba_n_groups * self.mamba_d_state
+
+    @property
+    def mamba_in_proj_dim(self) -> int:
+        return self.mamba_intermediate_size + self.mamba_conv_dim + self.mamba_n_heads
+
+    @property
+    def use_rope(self) -> bool:
+        return self.position_embedding_type == "rope"
+
+    @property
+    def has_experts(self) -> bool:
+        return self.num_local_experts > 0
+
+    @property
+    def attention_layer_indices(self) -> tuple[int, ...]:
+        return tuple(i for i, t in enumerate(self.layer_types) if t == "attention")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # Validation ----------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        def fail(field, value, rule):
+            raise ValueError(f"ModelConfig.{field}={value!r}: {rule}")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "mamba_d_conv", "mamba_expand", "mamba_chunk_size", "mamba_n_groups", "mamba_d_state",
+                     "mamba_n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                fail(name, value, "must be a positive integer")
+        for name in ("shared_intermediate_size", "intermediate_size", "num_local_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                fail(name, value, "must be a non-negative integer")
+        if len(self.layer_types) != self.num_hidden_layers:
+            fail("layer_types", self.layer_types,
+                 f"needs one entry per layer: num_hidden_layers={self.num_hidden_layers}, got {len(self.layer_types)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            fail("num_key_value_heads", self.num_key_value_heads,
+                 f"must divide num_attention_heads={self.num_attention_heads} (grouped-query attention)")
+        if "attention" in self.layer_types and self.hidden_size % self.num_attention_heads:
+            fail("num_attention_heads", self.num_attention_heads,
+                 f"must divide hidden_size={self.hidden_size} (head_dim = hidden_size / num_attention_heads)")
+        if self.mamba_intermediate_size % self.mamba_n_heads:
+            fail("mamba_n_heads", self.mamba_n_heads,
+                 f"must divide mamba_expand*hidden_size={self.mamba_intermediate_size}")
+        if self.mamba_d_head * self.mamba_n_heads != self.mamba_intermediate_size:
+            fail("mamba_d_head", self.mamba_d_head,
+                 f"mamba_d_head*mamba_n_heads must equal mamba_expand*hidden_size={self.mamba_intermediate_size}")
+        if self.mamba_n_heads % self.mamba_n_groups:
+            fail("mamba_n_groups", self.mamba_n_groups, f"must divide mamba_n_heads={self.mamba_n_heads}")
+        if self.num_local_experts > 0:
+            if not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+                fail("num_experts_per_tok", self.num_experts_per_tok,
+                     f"must be between 1 and num_local_experts={self.num_local_experts}")
+            if self.intermediate_size <= 0:
+                fail("intermediate_size", self.intermediate_size, "experts need a positive intermediate_size")
+        if self.shared_intermediate_size <= 0:
+            fail("shared_intermediate_size", self.shared_intermediate_size,
+                 "must be positive: Granite 4.0 always runs the shared MLP")
+        if self.hidden_act != "silu":
+            fail("hidden_act", self.hidden_act, "only 'silu' (SwiGLU) is used by Granite 4.0")
+        if self.position_embedding_type not in (None, "nope", "rope"):
+            fail("position_embedding_type", self.position_embedding_type, "must be None/'nope' or 'rope'")
+        lo, hi = self.time_step_limit
+        if not 0.0 <= lo < hi:
+            fail("time_step_limit", self.time_step_limit, "must be (low, high) with 0 <= low < high")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                fail(name, getattr(self, name), f"must be one of {_DTYPES}")
+        if self.ssd_impl not in SSD_IMPLS:
+            fail("ssd_impl", self.ssd_impl, f"must be one of {SSD_IMPLS}")
+        if self.moe_impl not in MOE_IMPLS:
+            fail("moe_impl", self.moe_impl, f"must be one of {MOE_IMPLS}")
+        if self.remat not in ("none", "full", "dots"):
+            fail("remat", self.remat, "must be 'none', 'full' or 'dots'")
+        for name in ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier",
+                     "rms_norm_eps"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                fail(name, value, "must be a positive finite number")
+
+    # Hugging Face round trip ---------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, source: dict | str | os.PathLike, **overrides) -> "ModelConfig":
+        """Builds a config from a Hugging Face `config.json` (a dict, a file path, or a model folder)."""
+        if isinstance(source, (str, os.PathLike)):
+            path = os.fspath(source)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path) as f:
+                source = json.load(f)
+        d = dict(source)
+        model_type = d.get("model_type", "granitemoehybrid")
+        if model_type != "granitemoehybrid":
+            raise ValueError(f"config model_type={model_type!r}: granite-jax reads 'granitemoehybrid' configs only")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in _HF_IGNORED_KEYS:
+                continue
+            if key == "rope_parameters":
+                if value and "rope_theta" in value:
+                    kwargs.setdefault("rope_theta", float(value["rope_theta"]))
+                if value and value.get("rope_type", "default") != "default":
+                    raise ValueError(f"config rope_parameters={value!r}: only rope_type 'default' is supported")
+                continue
+            if key not in fields:
+                raise ValueError(f"config key {key!r} (value {value!r}) is not a GraniteMoeHybridConfig field "
+                                 "known to granite-jax; remove it or update granite_jax.config")
+            kwargs[key] = value
+        if kwargs.get("mamba_d_head") == "auto":
+            kwargs["mamba_d_head"] = None
+        if isinstance(kwargs.get("eos_token_id"), list):
+            kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+        if kwargs.get("time_step_limit") is None:
+            kwargs.pop("time_step_limit", None)
+        else:
+            kwargs["time_step_limit"] = tuple(_json_float(v) for v in kwargs["time_step_limit"])
+        if kwargs.get("num_key_value_heads") is None:
+            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
+        if "layer_types" not in kwargs or kwargs["layer_types"] is None:
+            kwargs["layer_types"] = None  # a missing list means all Mamba
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict:
+        """The Hugging Face `config.json` dict (layer types written as "mamba"/"attention")."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _FRAMEWORK_FIELDS}
+        d["layer_types"] = list(self.layer_types)
+        # transformers writes non-finite floats as {"__float__": "Infinity"} to keep config.json valid JSON
+        d["time_step_limit"] = [v if math.isfinite(v) else {"__float__": str(v).replace("inf", "Infinity")}
+                                for v in self.time_step_limit]
+        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        d["model_type"] = "granitemoehybrid"
+        d["architectures"] = ["GraniteMoeHybridForCausalLM"]
+        return d
+
+
+_FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "router_z_loss_coef", "remat"}
+
+
+def _json_float(v) -> float:
+    if isinstance(v, dict) and "__float__" in v:  # transformers' encoding of non-finite floats
+        return float(v["__float__"].replace("Infinity", "inf"))
+    return float(v)
+
+
+def _normalise_layer_type(t: str) -> str:
+    if t not in _LAYER_TYPE_ALIASES:
+        raise ValueError(f"ModelConfig.layer_types entry {t!r}: unknown layer type; use 'mamba' or 'attention' "
+                         "('linear_attention'/'full_attention' are accepted too)")
+    return _LAYER_TYPE_ALIASES[t]
+
+
+# Presets ---------------------------------------------------------------------------------------------------------
+
+def _layer_types(n_layers: int, attention: tuple[int, ...] | str) -> tuple[str, ...]:
+    if attention == "all":
+        return ("attention",) * n_layers
+    return tuple("attention" if i in attention else "mamba" for i in range(n_layers))
+
+
+_GRANITE_ATTN = (5, 15, 25, 35)
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    "granite-4.0-h-small": dict(
+        hidden_size=4096, num_hidden_layers=40, layer_types=_layer_types(40, _GRANITE_ATTN), num_attention_heads=32,
+        num_key_value_heads=8, mamba_n_heads=128, mamba_d_head=64, num_local_experts=72, num_experts_per_tok=10,
+        intermediate_size=768, shared_intermediate_size=1536, logits_scaling=16.0, attention_multiplier=0.0078125),
+    "granite-4.0-h-tiny": dict(
+        hidden_size=1536, num_hidden_layers=40, layer_types=_layer_types(40, _GRANITE_ATTN), num_attention_heads=12,
+        num_key_value_heads=4, mamba_n_heads=48, mamba_d_head=64, num_local_experts=64, num_experts_per_tok=6,
+        intermediate_size=512, shared_intermediate_size=1024, logits_scaling=6.0, attention_multiplier=0.0078125),
+    "granite-4.0-h-micro": dict(
+        hidden_size=2048, num_hidden_layers=40, layer_types=_layer_types(40, _GRANITE_ATTN), num_attention_heads=32,
+        num_key_value_heads=8, mamba_n_heads=64, mamba_d_head=64, num_local_experts=0, num_experts_per_tok=0,
+        intermediate_size=8192, shared_intermediate_size=8192, logits_scaling=8.0, attention_multiplier=0.015625),
+    "granite-4.0-micro": dict(
+        hidden_size=2560, num_hidden_layers=40, layer_types=_layer_types(40, "all"), num_attention_heads=40,
+        num_key_value_heads=8, mamba_n_heads=80, num_local_experts=0, num_experts_per_tok=0,
+        intermediate_size=8192, shared_intermediate_size=8192, logits_scaling=10.0, attention_multiplier=0.015625,
+        position_embedding_type="rope", rope_theta=1e7),
+    "granite-4.0-h-1b": dict(
+        hidden_size=1536, num_hidden_layers=40, layer_types=_layer_types(40, _GRANITE_ATTN), num_attention_heads=12,
+        num_key_value_heads=4, mamba_n_heads=48, mamba_d_head=64, num_local_experts=0, num_experts_per_tok=0,
+        intermediate_size=4096, shared_intermediate_size=4096, logits_scaling=6.0, attention_multiplier=0.0078125),
+    "granite-4.0-h-350m": dict(
+        hidden_size=768, num_hidden_layers=32, layer_types=_layer_types(32, (10, 13, 17, 27)), num_attention_heads=12,
+        num_key_value_heads=4, mamba_n_heads=48, mamba_d_head=32, num_local_experts=0, num_experts_per_tok=0,
+        intermediate_size=2048, shared_intermediate_size=2048, logits_scaling=3.0, attention_multiplier=0.015625,
+        residual_multiplier=0.246, max_position_embeddings=32768),
+    # Small models for tests, smoke runs and CPU experiments: Granite's shapes scaled down, same layer pattern idea.
+    "debug-hybrid-moe": dict(
+        vocab_size=512, hidden_size=64, num_hidden_layers=4, layer_types=_layer_types(4, (1,)),
+        num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_state=16, mamba_chunk_size=16,
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=64,
+        logits_scaling=0.25, attention_multiplier=0.0625, max_position_embeddings=4096),
+    "debug-hybrid-dense": dict(
+        vocab_size=512, hidden_size=64, num_hidden_layers=4, layer_types=_layer_types(4, (1,)),
+        num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_state=16, mamba_chunk_size=16,
+        num_local_experts=0, num_experts_per_tok=0, intermediate_size=128, shared_intermediate_size=128,
+        logits_scaling=0.25, attention_multiplier=0.0625, max_position_embeddings=4096),
+    # ~20M parameters: the hybrid the CPU benchmarks and the smoke run use (4 layers, one attention layer).
+    "bench-hybrid-20m": dict(
+        vocab_size=8192, hidden_size=512, num_hidden_layers=4, layer_types=_layer_types(4, (2,)),
+        num_attention_heads=8, num_key_value_heads=4, mamba_n_heads=16, mamba_d_head=64, mamba_d_state=64,
+        mamba_chunk_size=128, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256,
+        shared_intermediate_size=512, logits_scaling=2.0, attention_multiplier=0.015625,
+        max_position_embeddings=8192),
+}
+
+
+def preset_names() -> tuple[str, ...]:
+    return tuple(_PRESETS)
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The config of a released Granite 4.0 model (FACTS table) or a debug model, with optional field overrides."""
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+    return ModelConfig(**{**_PRESETS[name], **overrides})
+
+
+# Parameter counting ----------------------------------------------------------------------------------------------
+
+def param_count(cfg: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameter counts; "active" counts the top-k routed experts only (FACTS.md §1)."""
+    H, V = cfg.hidden_size, cfg.vocab_size
+    embed = V * H * (1 if cfg.tie_word_embeddings else 2) + H  # + final norm
+    I_m, GN, nh, K = cfg.mamba_intermediate_size, cfg.mamba_n_groups * cfg.mamba_d_state, cfg.mamba_n_heads, cfg.mamba_d_conv
+    mamba = (H * cfg.mamba_in_proj_dim + (cfg.mamba_in_proj_dim + H if cfg.mamba_proj_bias else 0)
+             + cfg.mamba_conv_dim * K + (cfg.mamba_conv_dim if cfg.mamba_conv_bias else 0)
+             + 3 * nh + I_m + I_m * H)
+    q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    attention = H * (q_dim + 2 * kv_dim) + q_dim * H
+    if cfg.attention_bias:
+        attention += q_dim + 2 * kv_dim + H
+    shared = 3 * H * cfg.shared_intermediate_size
+    E, k, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size
+    per_expert = 3 * H * I
+    router = E * H if E else 0
+    n_attn = len(cfg.attention_layer_indices)
+    n_mamba = cfg.num_hidden_layers - n_attn
+    common = embed + n_mamba * mamba + n_attn * attention + cfg.num_hidden_layers * (2 * H + shared + router)
+    total = common + cfg.num_hidden_layers * E * per_expert
+    active = common + cfg.num_hidden_layers * k * per_expert
+    return total, active

@@ -1,0 +1,110 @@
+"""The Mamba-2 mixer (FACTS.md §2): in_proj -> causal depthwise conv + SiLU -> SSD scan with D skip -> gated RMSNorm
+-> out_proj. The on-disk fused `in_proj` [z | x | B | C | dt] and `conv1d` [x | B | C] are stored split here, each
+piece with its own logical axes, so tensor parallelism shards heads without cutting through the fused layout."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from granite_jax.norms import GatedRMSNorm
+from granite_jax.params import constant, normal, param
+from pallas_kernels.ssd import ssd
+
+
+def _uniform(lo: float, hi: float):
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, jnp.float32, lo, hi).astype(dtype)
+
+
+def _a_log_init(key, shape, dtype):
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+def _dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=1e-1):
+    """Inverse softplus of dt sampled log-uniformly in [dt_min, dt_max] (mamba_ssm's initialisation)."""
+    dt = jnp.exp(jax.random.uniform(key, shape, jnp.float32, math.log(dt_min), math.log(dt_max)))
+    dt = jnp.maximum(dt, 1e-4)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+def causal_conv(x_BLC, w_KC, bias_C, segment_ids_BL):
+    """Depthwise causal conv: out[t] = bias + sum_j w[j] * x[t - (K-1) + j], taps from another segment masked."""
+    K, L = w_KC.shape[0], x_BLC.shape[1]
+    x_pad = jnp.pad(x_BLC, ((0, 0), (K - 1, 0), (0, 0)))
+    out = jnp.zeros_like(x_BLC) if bias_C is None else jnp.broadcast_to(bias_C, x_BLC.shape).astype(x_BLC.dtype)
+    seg_pad = None if segment_ids_BL is None else jnp.pad(segment_ids_BL, ((0, 0), (K - 1, 0)), constant_values=-1)
+    for j in range(K):
+        tap_BLC = x_pad[:, j:j + L] * w_KC[j]
+        if seg_pad is not None and j < K - 1:
+            tap_BLC = jnp.where((seg_pad[:, j:j + L] == segment_ids_BL)[..., None], tap_BLC, 0)
+        out = out + tap_BLC
+    return out
+
+
+class Mamba2Mixer(nnx.Module):
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        H, nh, p, G, N, K = (cfg.hidden_size, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups,
+                             cfg.mamba_d_state, cfg.mamba_d_conv)
+        pd, init = cfg.param_dtype, normal(cfg.initializer_range)
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.chunk_size, self.dt_limit = cfg.mamba_chunk_size, cfg.time_step_limit
+        self.ssd_impl, self.ssd_interpret = cfg.ssd_impl, cfg.ssd_interpret
+        heads, bc = ("ssm_heads", "head_dim"), (None, "ssm_groups", "ssm_state")
+        self.in_proj_z = param(rngs, init, (H, nh, p), ("embed", *heads), pd)
+        self.in_proj_x = param(rngs, init, (H, nh, p), ("embed", *heads), pd)
+        self.in_proj_bc = param(rngs, init, (H, 2, G, N), ("embed", *bc), pd)
+        self.in_proj_dt = param(rngs, init, (H, nh), ("embed", "ssm_heads"), pd)
+        zeros = constant(0.0)
+        if cfg.mamba_proj_bias:
+            self.in_bias_z = param(rngs, zeros, (nh, p), heads, pd)
+            self.in_bias_x = param(rngs, zeros, (nh, p), heads, pd)
+            self.in_bias_bc = param(rngs, zeros, (2, G, N), bc, pd)
+            self.in_bias_dt = param(rngs, zeros, (nh,), ("ssm_heads",), pd)
+            self.out_bias = param(rngs, zeros, (H,), ("embed",), pd)
+        else:
+            self.in_bias_z = self.in_bias_x = self.in_bias_bc = self.in_bias_dt = self.out_bias = None
+        conv_init = _uniform(-1.0 / math.sqrt(K), 1.0 / math.sqrt(K))
+        self.conv_x = param(rngs, conv_init, (K, nh, p), ("conv_width", *heads), pd)
+        self.conv_bc = param(rngs, conv_init, (K, 2, G, N), ("conv_width", *bc), pd)
+        if cfg.mamba_conv_bias:
+            self.conv_bias_x = param(rngs, conv_init, (nh, p), heads, pd)
+            self.conv_bias_bc = param(rngs, conv_init, (2, G, N), bc, pd)
+        else:
+            self.conv_bias_x = self.conv_bias_bc = None
+        self.dt_bias = param(rngs, _dt_bias_init, (nh,), ("ssm_heads",), pd)
+        self.A_log = param(rngs, _a_log_init, (nh,), ("ssm_heads",), pd)
+        self.D = param(rngs, constant(1.0), (nh,), ("ssm_heads",), pd)
+        self.norm = GatedRMSNorm(nh, p, G, eps=cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.out_proj = param(rngs, init, (nh, p, H), (*heads, "embed"), pd)
+
+    def _in(self, x_BLD, kernel, bias, spec):
+        y = jnp.einsum(f"bld,d{spec}->bl{spec}", x_BLD, kernel[...].astype(self.dtype))
+        return y if bias is None else y + bias[...].astype(self.dtype)
+
+    def _conv(self, u, kernel, bias, segment_ids_BL):
+        B, L = u.shape[:2]
+        w = kernel[...].astype(self.dtype)
+        b = None if bias is None else bias[...].astype(self.dtype).reshape(-1)
+        out = causal_conv(u.reshape(B, L, -1), w.reshape(w.shape[0], -1), b, segment_ids_BL)
+        return jax.nn.silu(out).reshape(u.shape)
+
+    def __call__(self, x_BLD, segment_ids_BL):
+        """x [B,L,D], segment_ids [B,L] or None -> [B,L,D]."""
+        x_BLD = x_BLD.astype(self.dtype)
+        z_BLHP = self._in(x_BLD, self.in_proj_z, self.in_bias_z, "hp")
+        xs_BLHP = self._conv(self._in(x_BLD, self.in_proj_x, self.in_bias_x, "hp"), self.conv_x, self.conv_bias_x,
+                             segment_ids_BL)
+        bc_BL2GN = self._conv(self._in(x_BLD, self.in_proj_bc, self.in_bias_bc, "cgn"), self.conv_bc,
+                              self.conv_bias_bc, segment_ids_BL)
+        dt_BLH = self._in(x_BLD, self.in_proj_dt, self.in_bias_dt, "h")
+        A_H = -jnp.exp(self.A_log[...].astype(jnp.float32))
+        y_BLHP = ssd(xs_BLHP, dt_BLH, A_H, bc_BL2GN[:, :, 0], bc_BL2GN[:, :, 1], chunk_size=self.chunk_size,
+                     D=self.D[...].astype(jnp.float32), dt_bias=self.dt_bias[...].astype(jnp.float32),
+                     dt_softplus=True, dt_limit=self.dt_limit, segment_ids=segment_ids_BL, impl=self.ssd_impl,
+                     interpret=self.ssd_interpret)
+        y_BLHP = self.norm(y_BLHP, z_BLHP)
+        out_BLD = jnp.einsum("blhp,hpd->bld", y_BLHP, self.out_proj[...].astype(self.dtype))
+        return out_BLD if self.out_bias is None else out_BLD + self.out_bias[...].astype(self.dtype)

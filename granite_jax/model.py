@@ -1,0 +1,184 @@
+"""The Granite 4.0 hybrid language model (FACTS.md §2) in Flax NNX.
+
+Layers are stored stacked and run under `lax.scan`, so compile time does not grow with depth: the layer pattern is cut
+into its shortest repeating period (10 layers for the released models) and each run of equal layer types inside the
+period is one module whose parameters carry a leading `layers` axis of size repeats * run_length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from granite_jax.attention import Attention
+from granite_jax.config import ModelConfig
+from granite_jax.mamba2 import Mamba2Mixer
+from granite_jax.mlp import SharedMLP
+from granite_jax.moe import MoE, aux_losses
+from granite_jax.norms import RMSNorm
+from granite_jax.params import normal, param
+
+
+class DecoderLayer(nnx.Module):
+    """h += r * mixer(norm1(h)); h += r * (moe(norm2(h)) + shared_mlp(norm2(h)))."""
+
+    def __init__(self, cfg: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
+        H, pd, dt = cfg.hidden_size, cfg.param_dtype, jnp.dtype(cfg.dtype)
+        self.residual_multiplier = cfg.residual_multiplier
+        self.input_layernorm = RMSNorm(H, eps=cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.mixer = Mamba2Mixer(cfg, rngs=rngs) if layer_type == "mamba" else Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(H, eps=cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.moe = (MoE(H, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
+                        init_std=cfg.initializer_range, impl=cfg.moe_impl, param_dtype=pd, dtype=dt, rngs=rngs)
+                    if cfg.has_experts else None)
+        self.shared_mlp = SharedMLP(H, cfg.shared_intermediate_size, init_std=cfg.initializer_range,
+                                    param_dtype=pd, dtype=dt, rngs=rngs)
+
+    def __call__(self, h_BLD, segment_ids_BL, positions_BL, token_mask_BL):
+        x_BLD = self.input_layernorm(h_BLD)
+        if isinstance(self.mixer, Mamba2Mixer):
+            mixed_BLD = self.mixer(x_BLD, segment_ids_BL)
+        else:
+            mixed_BLD = self.mixer(x_BLD, _or_ones(segment_ids_BL, h_BLD), positions_BL)
+        h_BLD = h_BLD + self.residual_multiplier * mixed_BLD.astype(h_BLD.dtype)
+        x_BLD = self.post_attention_layernorm(h_BLD)
+        ffn_BLD = self.shared_mlp(x_BLD)
+        stats = None
+        if self.moe is not None:
+            routed_BLD, stats = self.moe(x_BLD, token_mask_BL)
+            ffn_BLD = routed_BLD + ffn_BLD
+        return h_BLD + self.residual_multiplier * ffn_BLD.astype(h_BLD.dtype), stats
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    layer_type: str
+    start: int  # offset inside the period
+    length: int
+
+
+def layer_pattern(layer_types: tuple[str, ...]) -> tuple[int, tuple[Run, ...]]:
+    """(period, runs): the shortest period p with layer_types[i] == layer_types[i % p], and its runs of equal types."""
+    n = len(layer_types)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and all(layer_types[i] == layer_types[i % p]
+                                                                    for i in range(n)))
+    runs, start = [], 0
+    for i in range(1, period + 1):
+        if i == period or layer_types[i] != layer_types[start]:
+            runs.append(Run(layer_types[start], start, i - start))
+            start = i
+    return period, tuple(runs)
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stacked_layers(cfg: ModelConfig, layer_type: str, count: int, rngs: nnx.Rngs) -> DecoderLayer:
+    """`count` layers of one type as a single module whose parameters have a leading `layers` axis."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(layer_rngs):
+        return DecoderLayer(cfg, layer_type, rngs=layer_rngs)
+
+    return make(rngs)
+
+
+class LayerStack(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.period, self.runs = layer_pattern(cfg.layer_types)
+        self.repeats = cfg.num_hidden_layers // self.period
+        self.remat = cfg.remat
+        with nnx.use_eager_sharding(False):
+            self.blocks = nnx.List([_stacked_layers(cfg, run.layer_type, self.repeats * run.length, rngs)
+                                    for run in self.runs])
+
+    def locate(self, layer: int) -> tuple[int, int]:
+        """(run index, index along the run's stacked axis) of model layer `layer`."""
+        repeat, offset = divmod(layer, self.period)
+        for j, run in enumerate(self.runs):
+            if run.start <= offset < run.start + run.length:
+                return j, repeat * run.length + offset - run.start
+        raise IndexError(layer)
+
+    def __call__(self, h_BLD, segment_ids_BL, positions_BL, token_mask_BL):
+        graphdefs, states = [], []
+        for run, block in zip(self.runs, self.blocks):
+            graphdef, state = nnx.split(block)
+            graphdefs.append(graphdef)
+            states.append(jax.tree.map(lambda a, n=run.length: a.reshape(self.repeats, n, *a.shape[1:]), state))
+
+        def run_layers(graphdef):
+            def body(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, segment_ids_BL, positions_BL, token_mask_BL)
+            if self.remat in _REMAT_POLICIES:
+                body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
+            return body
+
+        def one_period(h, period_states):
+            stats = []
+            for graphdef, state in zip(graphdefs, period_states):
+                h, run_stats = jax.lax.scan(run_layers(graphdef), h, state)
+                stats.append(run_stats)
+            # Concatenating the runs restores layer order within the period.
+            return h, jax.tree.map(lambda *s: jnp.concatenate(s, axis=0), *stats)
+
+        h_BLD, stats = jax.lax.scan(one_period, h_BLD, states)
+        return h_BLD, jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats)  # [layers, ...]
+
+
+def segment_positions(segment_ids_BL):
+    """Position of each token within its document: restarts at 0 wherever the segment id changes."""
+    L = segment_ids_BL.shape[1]
+    t_L = jnp.arange(L)
+    starts_BL = jnp.concatenate([jnp.ones_like(segment_ids_BL[:, :1], bool),
+                                 segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+    return t_L - jax.lax.cummax(jnp.where(starts_BL, t_L, 0), axis=1)
+
+
+def _or_ones(segment_ids_BL, h_BLD):
+    return jnp.ones(h_BLD.shape[:2], jnp.int32) if segment_ids_BL is None else segment_ids_BL
+
+
+class GraniteModel(nnx.Module):
+    """Granite 4.0 hybrid causal LM. `model.config` is its `ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        V, H, pd = cfg.vocab_size, cfg.hidden_size, cfg.param_dtype
+        self.embed_tokens = param(rngs, normal(cfg.initializer_range), (V, H), ("vocab", "embed"), pd)
+        self.layers = LayerStack(cfg, rngs=rngs)
+        self.norm = RMSNorm(H, eps=cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
+        self.lm_head = (None if cfg.tie_word_embeddings
+                        else param(rngs, normal(cfg.initializer_range), (V, H), ("vocab", "embed"), pd))
+
+    def __call__(self, input_ids, *, segment_ids=None, positions=None, return_aux=False):
+        """input_ids [B,L] int; segment_ids [B,L] int (packed documents; 0 = padding) or None; positions [B,L] or
+        None (derived per document). Returns float32 logits [B,L,V], or (logits, aux) with `return_aux=True`:
+        aux holds `load_balancing_loss`, `router_z_loss` (unscaled scalars) and `expert_load` [moe_layers, E]."""
+        cfg = self.config
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
+        dtype = jnp.dtype(cfg.dtype)
+        if positions is None:
+            positions = segment_positions(_or_ones(segment_ids, input_ids[..., None]))
+        token_mask_BL = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids > 0
+        h_BLD = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype) * cfg.embedding_multiplier
+        h_BLD, stats = self.layers(h_BLD, segment_ids, positions, token_mask_BL)
+        h_BLD = self.norm(h_BLD)
+        head_VD = (self.embed_tokens if self.lm_head is None else self.lm_head)[...].astype(dtype)
+        logits_BLV = jnp.einsum("bld,vd->blv", h_BLD, head_VD, preferred_element_type=jnp.float32)
+        logits_BLV = logits_BLV / cfg.logits_scaling
+        if not return_aux:
+            return logits_BLV
+        if stats is None:
+            zero = jnp.zeros((), jnp.float32)
+            return logits_BLV, {"load_balancing_loss": zero, "router_z_loss": zero,
+                                "expert_load": jnp.zeros((0, 0), jnp.float32)}
+        return logits_BLV, aux_losses(stats, cfg.num_local_experts)
