@@ -23,6 +23,10 @@ _LAYER_TYPE_ALIASES = {
 _DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 MOE_IMPLS = ("auto", "ragged_dot", "dense")
+CONTEXT_ATTENTION = ("all_gather", "ring")
+# How routed tokens reach their experts (docs/moe.md): "auto" = all-to-all expert parallelism when the mesh shards the
+# experts (ragged on TPU/GPU, padded on CPU), "local" = every device runs the grouped matmul on its own tokens.
+MOE_DISPATCHES = ("auto", "local", "all_to_all", "ragged_all_to_all")
 
 # Keys of a Hugging Face config that carry no model semantics for us (bookkeeping written by transformers).
 _HF_IGNORED_KEYS = {
@@ -85,9 +89,13 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     ssd_impl: str = "auto"
     ssd_interpret: bool = False  # run a Pallas SSD kernel in interpret mode (CPU tests)
-    moe_impl: str = "auto"
+    moe_impl: str = "auto"  # grouped matmul of the routed experts
+    moe_dispatch: str = "auto"  # token dispatch to experts sharded over the `expert` mesh axis
     router_z_loss_coef: float = 0.0
     remat: str = "none"  # activation rematerialisation per layer: "none" | "full" | "dots"
+    # Attention with the sequence sharded over the `context` mesh axis (docs/long_context.md): "all_gather" gathers
+    # keys/values on every shard; "ring" passes them round the shards (when the gathered K/V would not fit).
+    context_attention: str = "all_gather"
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -172,6 +180,10 @@ class ModelConfig:
         if self.shared_intermediate_size <= 0:
             fail("shared_intermediate_size", self.shared_intermediate_size,
                  "must be positive: Granite 4.0 always runs the shared MLP")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                fail(name, value, f"must be a token id below vocab_size={self.vocab_size} (or None)")
         if self.hidden_act != "silu":
             fail("hidden_act", self.hidden_act, "only 'silu' (SwiGLU) is used by Granite 4.0")
         if self.position_embedding_type not in (None, "nope", "rope"):
@@ -186,8 +198,12 @@ class ModelConfig:
             fail("ssd_impl", self.ssd_impl, f"must be one of {SSD_IMPLS}")
         if self.moe_impl not in MOE_IMPLS:
             fail("moe_impl", self.moe_impl, f"must be one of {MOE_IMPLS}")
+        if self.moe_dispatch not in MOE_DISPATCHES:
+            fail("moe_dispatch", self.moe_dispatch, f"must be one of {MOE_DISPATCHES}")
         if self.remat not in ("none", "full", "dots"):
             fail("remat", self.remat, "must be 'none', 'full' or 'dots'")
+        if self.context_attention not in CONTEXT_ATTENTION:
+            fail("context_attention", self.context_attention, f"must be one of {CONTEXT_ATTENTION}")
         for name in ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier",
                      "rms_norm_eps"):
             value = getattr(self, name)
@@ -238,20 +254,33 @@ class ModelConfig:
         kwargs.update(overrides)
         return cls(**kwargs)
 
+    def to_hf_json(self, **extra) -> str:
+        """`to_hf()` as config.json text. Non-finite floats are written the way transformers writes them
+        ({"__float__": "Infinity"}), which keeps the file valid JSON."""
+        def encode(v):
+            if isinstance(v, float) and not math.isfinite(v):
+                return {"__float__": str(v).replace("inf", "Infinity")}
+            if isinstance(v, (list, tuple)):
+                return [encode(x) for x in v]
+            if isinstance(v, dict):
+                return {k: encode(x) for k, x in v.items()}
+            return v
+        return json.dumps(encode({**self.to_hf(), **extra}), indent=2)
+
     def to_hf(self) -> dict:
-        """The Hugging Face `config.json` dict (layer types written as "mamba"/"attention")."""
+        """The Hugging Face config dict (layer types written as "mamba"/"attention"); accepted as keyword arguments
+        by transformers' `GraniteMoeHybridConfig`."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _FRAMEWORK_FIELDS}
         d["layer_types"] = list(self.layer_types)
-        # transformers writes non-finite floats as {"__float__": "Infinity"} to keep config.json valid JSON
-        d["time_step_limit"] = [v if math.isfinite(v) else {"__float__": str(v).replace("inf", "Infinity")}
-                                for v in self.time_step_limit]
+        d["time_step_limit"] = list(self.time_step_limit)
         d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
         d["model_type"] = "granitemoehybrid"
         d["architectures"] = ["GraniteMoeHybridForCausalLM"]
         return d
 
 
-_FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "router_z_loss_coef", "remat"}
+_FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "moe_dispatch",
+                     "router_z_loss_coef", "remat", "context_attention"}
 
 
 def _json_float(v) -> float:
@@ -305,18 +334,22 @@ _PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=2048, shared_intermediate_size=2048, logits_scaling=3.0, attention_multiplier=0.015625,
         residual_multiplier=0.246, max_position_embeddings=32768),
     # Small models for tests, smoke runs and CPU experiments: Granite's shapes scaled down, same layer pattern idea.
+# Their special-token ids sit at the bottom of the small vocabularies.
     "debug-hybrid-moe": dict(
+        pad_token_id=0, bos_token_id=1, eos_token_id=1,
         vocab_size=512, hidden_size=64, num_hidden_layers=4, layer_types=_layer_types(4, (1,)),
         num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_state=16, mamba_chunk_size=16,
         num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=64,
         logits_scaling=0.25, attention_multiplier=0.0625, max_position_embeddings=4096),
     "debug-hybrid-dense": dict(
+        pad_token_id=0, bos_token_id=1, eos_token_id=1,
         vocab_size=512, hidden_size=64, num_hidden_layers=4, layer_types=_layer_types(4, (1,)),
         num_attention_heads=4, num_key_value_heads=2, mamba_n_heads=8, mamba_d_state=16, mamba_chunk_size=16,
         num_local_experts=0, num_experts_per_tok=0, intermediate_size=128, shared_intermediate_size=128,
         logits_scaling=0.25, attention_multiplier=0.0625, max_position_embeddings=4096),
     # ~20M parameters: the hybrid the CPU benchmarks and the smoke run use (4 layers, one attention layer).
     "bench-hybrid-20m": dict(
+        pad_token_id=0, bos_token_id=1, eos_token_id=1,
         vocab_size=8192, hidden_size=512, num_hidden_layers=4, layer_types=_layer_types(4, (2,)),
         num_attention_heads=8, num_key_value_heads=4, mamba_n_heads=16, mamba_d_head=64, mamba_d_state=64,
         mamba_chunk_size=128, num_local_experts=8, num_experts_per_tok=2, intermediate_size=256,

@@ -283,10 +283,8 @@ def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None,
             total = sum(math.prod(e[2]) * out_dtype.itemsize for e in entries)
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        hf_cfg = cfg.to_hf()
-        hf_cfg["dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}[out_dtype.name]
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_cfg, f, indent=2)
+            f.write(cfg.to_hf_json(dtype=out_dtype.name))
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(tmp, path)

@@ -28,11 +28,14 @@ def _layer_types(base: tuple[str, ...], n_layers: int) -> tuple[str, ...]:
     return tuple(base[i % len(base)] for i in range(n_layers))
 
 
-def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_len: int) -> tuple[float, float]:
+def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_len: int,
+                 remat: str = "full") -> tuple[float, float]:
     """(lower seconds, compile seconds) of jit(value_and_grad(next-token loss)) for the preset cut to n_layers."""
     cfg = preset(preset_name)
     cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(cfg.layer_types, n_layers),
-                      dtype="bfloat16", ssd_impl="xla" if target == "cpu" else "auto")
+                      dtype="bfloat16", remat=remat)
+    if target != "cpu":  # "auto" would pick this machine's (CPU) implementations
+        cfg = cfg.replace(ssd_impl="pallas_tpu", moe_impl="ragged_dot")
     abstract = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
@@ -44,7 +47,7 @@ def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_l
     step = jax.value_and_grad(loss_fn)
     ids = jax.ShapeDtypeStruct((batch, seq_len), jnp.int32)
     if target == "cpu":
-        jitted, args = jax.jit(step), (state, ids)
+        jitted, args, mesh = jax.jit(step), (state, ids), None
     else:
         from jax.experimental import topologies
 
@@ -56,7 +59,11 @@ def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_l
         ids = jax.ShapeDtypeStruct(ids.shape, ids.dtype, sharding=batch_sh)
         jitted, args = jax.jit(step, out_shardings=(None, state_sh)), (state, ids)
     t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
+    if mesh is None:
+        lowered = jitted.lower(*args)
+    else:
+        with jax.set_mesh(mesh):  # the SSD op runs its Pallas kernel per shard under the mesh
+            lowered = jitted.lower(*args)
     t1 = time.perf_counter()
     lowered.compile()
     return t1 - t0, time.perf_counter() - t1
@@ -69,13 +76,15 @@ def main() -> None:
     parser.add_argument("--target", default="cpu", help="'cpu' or a TPU topology name such as v5p:2x2x1")
     parser.add_argument("--batch", type=int, default=0, help="default: one row per device")
     parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     args = parser.parse_args()
-    print(f"{args.preset} forward+backward, seq {args.seq_len}, target {args.target}, jax {jax.__version__}")
+    print(f"{args.preset} forward+backward, seq {args.seq_len}, remat {args.remat}, target {args.target}, "
+          f"jax {jax.__version__}")
     print(f"| layers | lower (s) | compile (s) | total (s) |\n|---|---|---|---|")
     for n in args.layers:
         n_dev = 1 if args.target == "cpu" else None
         batch = args.batch or (n_dev or _tpu_chips(args.target))
-        lower_s, compile_s = compile_time(args.preset, n, args.target, batch, args.seq_len)
+        lower_s, compile_s = compile_time(args.preset, n, args.target, batch, args.seq_len, args.remat)
         print(f"| {n} | {lower_s:.1f} | {compile_s:.1f} | {lower_s + compile_s:.1f} |", flush=True)
 
 
