@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from data_pipelines.formats import TEXT_SPLITS
@@ -38,7 +39,10 @@ def prepare_main(argv: list[str]) -> int:
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                         help="prepare only input files k with k %% N == I (run N of these, then merge-manifests)")
     parser.add_argument("--demo", action="store_true",
-                        help="build the demo corpus (Python's standard library + a BPE tokenizer trained on it)")
+                        help="build the demo corpus (Python's standard library + a BPE tokenizer trained on it) in "
+                        "DIR, and its held-out eval split in DIR/eval")
+    parser.add_argument("--demo-eval-every", type=int, default=None, metavar="K",
+                        help="--demo: hold out every K-th document for DIR/eval (default 20; 0 = no eval split)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -46,9 +50,14 @@ def prepare_main(argv: list[str]) -> int:
         if args.demo:
             if args.input or args.tokenizer:
                 parser.error("--demo builds its own corpus and tokenizer; drop --input/--tokenizer")
-            from data_pipelines.demo import build_demo
+            from data_pipelines.demo import DEMO_EVAL_EVERY, build_demo
 
-            result = build_demo(args.out, workers=args.workers, progress=not args.no_progress)
+            eval_every = DEMO_EVAL_EVERY if args.demo_eval_every is None else args.demo_eval_every
+            result = build_demo(args.out, workers=args.workers, progress=not args.no_progress, eval_every=eval_every)
+            eval_manifest = os.path.join(args.out, "eval", "manifest.json")
+            if eval_every and os.path.exists(eval_manifest):
+                with open(eval_manifest) as f:
+                    _print_summary(json.load(f), os.path.join(args.out, "eval"))
         else:
             if not args.input or not args.tokenizer:
                 parser.error("--input and --tokenizer are required (or use --demo)")

@@ -1,7 +1,9 @@
 """The offline demo corpus: Python's own standard library (sources and the pydoc topics), found through `sysconfig`
 on any machine with Python, plus a byte-level BPE tokenizer trained on it. `granite-jax quickstart` trains on it.
 
-Deterministic for a given Python installation: files are taken in sorted order up to a byte budget.
+Deterministic for a given Python installation: files are taken in sorted order up to a byte budget. Every
+`eval_every`-th document is held out into `out/eval` (a second prepared directory, same tokenizer) for evaluation
+during training; the tokenizer is trained on the training documents only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from data_pipelines.prepare import DEFAULT_EOS_TOKEN, PrepareOptions, prepare
 PAD_TOKEN = "<|pad|>"
 DEMO_VOCAB_SIZE = 8192
 DEMO_BYTES = 4 << 20
+DEMO_EVAL_EVERY = 20  # documents 19, 39, 59, ... (5%) form the held-out eval split
 _DEMO_RAW_FILES = 4  # the raw corpus is split so that prepare's workers share it
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "__pycache__", "idle_test", "lib2to3"}
 
@@ -66,9 +69,25 @@ def train_tokenizer(texts: list[str], path: str, vocab_size: int = DEMO_VOCAB_SI
 
 
 def build_demo(out: str, *, max_bytes: int = DEMO_BYTES, vocab_size: int = DEMO_VOCAB_SIZE, workers: int | None = None,
-               progress: bool = True) -> dict:
-    """Writes `out/raw/*.jsonl` and `out/tokenizer.json`, then prepares them into `out`. Returns the manifest."""
+               progress: bool = True, eval_every: int = DEMO_EVAL_EVERY) -> dict:
+    """Writes `out/raw/*.jsonl` and `out/tokenizer.json`, then prepares them into `out`; with `eval_every` > 0 every
+    `eval_every`-th document goes to `out/eval` instead (prepared the same way). Returns the training manifest."""
     docs = stdlib_documents(max_bytes)
+    held_out = (lambda i: eval_every > 0 and i % eval_every == eval_every - 1)  # noqa: E731
+    train_docs = [d for i, d in enumerate(docs) if not held_out(i)]
+    eval_docs = [d for i, d in enumerate(docs) if held_out(i)]
+    tokenizer_path = os.path.join(out, "tokenizer.json")
+    os.makedirs(out, exist_ok=True)
+    if not os.path.exists(tokenizer_path):
+        train_tokenizer([text for _, text in train_docs], tokenizer_path, vocab_size)
+    if eval_docs:
+        _prepare_docs(eval_docs, os.path.join(out, "eval"), tokenizer_path, workers, progress)
+    return _prepare_docs(train_docs, out, tokenizer_path, workers, progress)
+
+
+def _prepare_docs(docs: list[tuple[str, str]], out: str, tokenizer_path: str, workers: int | None,
+                  progress: bool) -> dict:
+    """Writes `docs` to `out/raw/*.jsonl` and prepares them into `out`."""
     raw_dir = os.path.join(out, "raw")
     os.makedirs(raw_dir, exist_ok=True)
     for k in range(_DEMO_RAW_FILES):
@@ -77,8 +96,5 @@ def build_demo(out: str, *, max_bytes: int = DEMO_BYTES, vocab_size: int = DEMO_
             for source, text in docs[k::_DEMO_RAW_FILES]:
                 f.write(json.dumps({"text": text, "source": source}) + "\n")
         os.replace(f"{path}.tmp", path)
-    tokenizer_path = os.path.join(out, "tokenizer.json")
-    if not os.path.exists(tokenizer_path):
-        train_tokenizer([text for _, text in docs], tokenizer_path, vocab_size)
     options = PrepareOptions(tokenizer=tokenizer_path, out=out)
     return prepare([os.path.join(raw_dir, "*.jsonl")], options, workers=workers, progress=progress)

@@ -8,8 +8,13 @@ import sys
 
 # name -> ("module:function", one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("granite_jax.train:main", "train a model from a config file (experiments/*.py); resumes from checkpoints"),
+    "compile-check": ("granite_jax.compile_check:main", "AOT-compile a config's train step for a TPU topology, print HBM"),
     "quickstart": ("granite_jax.quickstart:main", "prepare the demo corpus, train a small hybrid model on CPU, export it"),
     "prepare": ("data_pipelines.cli:prepare_main", "tokenize raw text into ArrayRecord shards (or --demo)"),
+    "sweep": ("granite_jax.sweep:main", "run a sweep (experiments/sweeps/*.py) locally or as a SLURM array job"),
+    "sweep-report": ("granite_jax.sweep_report:main", "rewrite a sweep's summary.csv/.md and loss_curves.png"),
+    "launch": ("granite_jax.launch:main", "render and submit a training job: --target slurm | tpu-vm | gke"),
     "merge-manifests": ("data_pipelines.cli:merge_main", "combine the manifests of a prepare run split with --shard"),
 }
 

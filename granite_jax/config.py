@@ -177,9 +177,10 @@ class ModelConfig:
                      f"must be between 1 and num_local_experts={self.num_local_experts}")
             if self.intermediate_size <= 0:
                 fail("intermediate_size", self.intermediate_size, "experts need a positive intermediate_size")
-        if self.shared_intermediate_size <= 0:
+        if self.shared_intermediate_size == 0 and self.num_local_experts == 0:
             fail("shared_intermediate_size", self.shared_intermediate_size,
-                 "must be positive: Granite 4.0 always runs the shared MLP")
+                 "a dense model (num_local_experts=0) needs a positive shared MLP width; 0 (no shared expert) is "
+                 "for MoE ablations only")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < self.vocab_size:

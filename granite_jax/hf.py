@@ -101,8 +101,11 @@ def _layer_specs(cfg: ModelConfig, locate: Callable[[int], tuple[int, int]], i: 
                   HFTensor(e + "input_linear.weight", (p("moe", "input_linear"),), (E, 2 * I, H), 1, n_batch=1),
                   HFTensor(e + "output_linear.weight", (p("moe", "output_linear"),), (E, H, I), 1, n_batch=1)]
     Is = cfg.shared_intermediate_size
-    specs += [HFTensor(prefix + "shared_mlp.input_linear.weight", (p("shared_mlp", "input_linear"),), (2 * Is, H), 1),
-              HFTensor(prefix + "shared_mlp.output_linear.weight", (p("shared_mlp", "output_linear"),), (H, Is), 1)]
+    if Is:
+        specs += [HFTensor(prefix + "shared_mlp.input_linear.weight", (p("shared_mlp", "input_linear"),), (2 * Is, H),
+                           1),
+                  HFTensor(prefix + "shared_mlp.output_linear.weight", (p("shared_mlp", "output_linear"),), (H, Is),
+                           1)]
     return specs
 
 

@@ -32,10 +32,12 @@ class DecoderLayer(nnx.Module):
         self.mixer = Mamba2Mixer(cfg, rngs=rngs) if layer_type == "mamba" else Attention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(H, eps=cfg.rms_norm_eps, param_dtype=pd, rngs=rngs)
         self.moe = (MoE(H, cfg.intermediate_size, cfg.num_local_experts, cfg.num_experts_per_tok,
-                        init_std=cfg.initializer_range, impl=cfg.moe_impl, param_dtype=pd, dtype=dt, rngs=rngs)
+                        init_std=cfg.initializer_range, impl=cfg.moe_impl, dispatch=cfg.moe_dispatch,
+                        param_dtype=pd, dtype=dt, rngs=rngs)
                     if cfg.has_experts else None)
-        self.shared_mlp = SharedMLP(H, cfg.shared_intermediate_size, init_std=cfg.initializer_range,
-                                    param_dtype=pd, dtype=dt, rngs=rngs)
+        # Granite 4.0 always has the shared expert; width 0 removes it (an ablation of MoE models).
+        self.shared_mlp = (SharedMLP(H, cfg.shared_intermediate_size, init_std=cfg.initializer_range,
+                                     param_dtype=pd, dtype=dt, rngs=rngs) if cfg.shared_intermediate_size else None)
 
     def __call__(self, h_BLD, segment_ids_BL, positions_BL, token_mask_BL):
         x_BLD = self.input_layernorm(h_BLD)
@@ -45,8 +47,9 @@ class DecoderLayer(nnx.Module):
             mixed_BLD = self.mixer(x_BLD, _or_ones(segment_ids_BL, h_BLD), positions_BL)
         h_BLD = h_BLD + self.residual_multiplier * mixed_BLD.astype(h_BLD.dtype)
         x_BLD = self.post_attention_layernorm(h_BLD)
-        ffn_BLD = self.shared_mlp(x_BLD)
-        stats = None
+        ffn_BLD, stats = 0, None
+        if self.shared_mlp is not None:
+            ffn_BLD = self.shared_mlp(x_BLD)
         if self.moe is not None:
             routed_BLD, stats = self.moe(x_BLD, token_mask_BL)
             ffn_BLD = routed_BLD + ffn_BLD

@@ -4,6 +4,10 @@ The grouped matmul is pluggable (`EXPERT_FFNS`): `ragged_dot` sorts the (token, 
 `jax.lax.ragged_dot` (the primitive TPUs and GPUs want); `dense` runs every expert on every token and weights the
 outputs by the (mostly zero) combine weights, which is exact and, on CPU, faster while experts/top-k stays below the
 measured ragged_dot slowdown (see docs/benchmarks.md). Neither drops a token.
+
+When the mesh set with `jax.set_mesh` shards the experts over the `expert` axis, the routed tokens are dispatched to
+the devices holding their experts with all-to-all collectives (`granite_jax.expert_parallel`, docs/moe.md); the router
+and its statistics stay outside, so the aux losses do not depend on the parallelism.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from granite_jax import expert_parallel
 from granite_jax.mlp import swiglu
 from granite_jax.params import normal, param
 
@@ -46,6 +51,8 @@ EXPERT_FFNS = {"dense": dense_experts, "ragged_dot": ragged_dot_experts}
 
 
 def resolve_moe_impl(impl: str, num_experts: int, top_k: int) -> str:
+    """The grouped matmul for `num_experts` experts of which each row visits `top_k` (1 after expert-parallel
+    dispatch, where each received row is one (token, expert) pair)."""
     if impl != "auto":
         return impl
     if jax.default_backend() == "cpu" and num_experts / top_k < CPU_RAGGED_DOT_SLOWDOWN:
@@ -54,17 +61,24 @@ def resolve_moe_impl(impl: str, num_experts: int, top_k: int) -> str:
 
 
 class MoE(nnx.Module):
-    """Routed experts: logits = x W_router in float32, top-k of the raw logits, softmax over those k."""
+    """Routed experts: logits = x W_router in float32, top-k of the raw logits, softmax over those k.
+
+    `impl` picks the grouped matmul (`EXPERT_FFNS` or "auto"); `dispatch` how tokens reach experts sharded over the
+    mesh ("auto": expert-parallel all-to-all when the experts are sharded; "local"; or a transport, see
+    `expert_parallel.TRANSPORTS`).
+    """
+
+    W_IN_AXES = ("experts", "embed", None, "mlp")
+    W_OUT_AXES = ("experts", "mlp", "embed")
 
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *, init_std: float, impl: str,
-                 param_dtype, dtype, rngs: nnx.Rngs):
-        self.top_k, self.dtype = top_k, dtype
+                 param_dtype, dtype, rngs: nnx.Rngs, dispatch: str = "auto"):
+        self.top_k, self.dtype, self.dispatch = top_k, dtype, dispatch
+        self.requested_impl = impl
         self.impl = resolve_moe_impl(impl, num_experts, top_k)
         self.router = param(rngs, normal(init_std), (hidden, num_experts), ("embed", "experts"), param_dtype)
-        self.input_linear = param(rngs, normal(init_std), (num_experts, hidden, 2, ffn),
-                                  ("experts", "embed", None, "mlp"), param_dtype)
-        self.output_linear = param(rngs, normal(init_std), (num_experts, ffn, hidden),
-                                   ("experts", "mlp", "embed"), param_dtype)
+        self.input_linear = param(rngs, normal(init_std), (num_experts, hidden, 2, ffn), self.W_IN_AXES, param_dtype)
+        self.output_linear = param(rngs, normal(init_std), (num_experts, ffn, hidden), self.W_OUT_AXES, param_dtype)
 
     def __call__(self, x_BLD, token_mask_BL):
         """Returns (y [B,L,D], router statistics summed over the tokens where `token_mask_BL` is true)."""
@@ -73,8 +87,17 @@ class MoE(nnx.Module):
         logits_TE = jnp.dot(x_TD.astype(jnp.float32), self.router[...].astype(jnp.float32))
         top_logits_TK, top_idx_TK = jax.lax.top_k(logits_TE, self.top_k)
         top_w_TK = jax.nn.softmax(top_logits_TK, axis=-1)
-        y_TD = EXPERT_FFNS[self.impl](x_TD.astype(self.dtype), self.input_linear[...].astype(self.dtype),
-                                      self.output_linear[...].astype(self.dtype), top_idx_TK, top_w_TK)
+        w_in_ED2F = self.input_linear[...].astype(self.dtype)
+        w_out_EFD = self.output_linear[...].astype(self.dtype)
+        plan = expert_parallel.make_plan(self.dispatch, x_BLD.shape, self.W_IN_AXES, w_in_ED2F.shape,
+                                         self.W_OUT_AXES, w_out_EFD.shape)
+        if plan is None:
+            y_TD = EXPERT_FFNS[self.impl](x_TD.astype(self.dtype), w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK)
+        else:
+            local_experts = w_in_ED2F.shape[0] // plan.ep
+            ffn = EXPERT_FFNS[resolve_moe_impl(self.requested_impl, local_experts, 1)]
+            y_TD = expert_parallel.expert_parallel_ffn(x_TD.astype(self.dtype), top_idx_TK, top_w_TK, w_in_ED2F,
+                                                       w_out_EFD, plan=plan, ffn=ffn)
         return y_TD.reshape(B, L, D), router_stats(logits_TE, top_idx_TK, token_mask_BL.reshape(-1))
 
 
@@ -100,4 +123,22 @@ def aux_losses(stats, num_experts: int):
         "load_balancing_loss": num_experts * jnp.sum(f_KE * P_E[None, :]),
         "router_z_loss": jnp.sum(stats["z_sq"]) / tokens,
         "expert_load": load_NE,
+    }
+
+
+def expert_load_metrics(expert_load_NE) -> dict[str, jax.Array]:
+    """Logging view of the model's `aux["expert_load"]` ([moe_layers, E] fraction of routed slots per expert):
+    `expert_load` itself, per layer `max_over_mean` (hottest expert's load / the uniform 1/E; 1 = balanced,
+    E = one expert takes everything), `min_over_mean` and `unused_fraction` (share of experts with no token), and
+    their worst layer as scalars `max_over_mean_worst`, `unused_fraction_worst`."""
+    E = expert_load_NE.shape[-1]
+    max_over_mean_N = jnp.max(expert_load_NE, axis=-1) * E
+    unused_N = jnp.mean((expert_load_NE <= 0).astype(jnp.float32), axis=-1)
+    return {
+        "expert_load": expert_load_NE,
+        "max_over_mean": max_over_mean_N,
+        "min_over_mean": jnp.min(expert_load_NE, axis=-1) * E,
+        "unused_fraction": unused_N,
+        "max_over_mean_worst": jnp.max(max_over_mean_N, initial=0.0),
+        "unused_fraction_worst": jnp.max(unused_N, initial=0.0),
     }

@@ -140,3 +140,29 @@ def test_demo_corpus_builds_and_streams(tmp_path):
     batch = next(dp.make_batches(dp.single_source_config(out), batch_size=2, seq_len=256, seed=0,
                                  vocab_size=tok.get_vocab_size()))
     assert batch["tokens"].shape == (2, 256) and (batch["segment_ids"] > 0).all()
+
+
+def test_demo_corpus_holds_out_an_eval_split(tmp_path):
+    import data_pipelines as dp
+
+    def sources(directory):
+        names = []
+        for k in range(4):
+            with open(os.path.join(directory, "raw", f"stdlib-{k}.jsonl")) as f:
+                names += [json.loads(line)["source"] for line in f]
+        return names
+
+    out = str(tmp_path / "demo")
+    train_manifest = build_demo(out, max_bytes=1 << 20, workers=1, progress=False, eval_every=4)
+    with open(os.path.join(out, "eval", "manifest.json")) as f:
+        eval_manifest = json.load(f)
+    train_docs, eval_docs = sources(out), sources(os.path.join(out, "eval"))
+    assert not set(train_docs) & set(eval_docs) and len(eval_docs) == (len(train_docs) + len(eval_docs)) // 4
+    assert eval_manifest["documents"] == len(eval_docs) and train_manifest["documents"] == len(train_docs)
+    assert eval_manifest["tokenizer"]["sha256"] == train_manifest["tokenizer"]["sha256"]
+    batch = next(dp.make_batches(dp.single_source_config(os.path.join(out, "eval"), num_epochs=1), batch_size=2,
+                                 seq_len=64, seed=0))
+    assert batch["tokens"].shape == (2, 64)
+    assert prepare_main(["--demo", "--out", str(tmp_path / "plain"), "--demo-eval-every", "0", "--workers", "1",
+                         "--no-progress"]) == 0
+    assert not os.path.exists(tmp_path / "plain" / "eval")

@@ -119,3 +119,11 @@ def test_bfloat16_compute_tracks_float32():
     out = bf16(ids)
     assert out.dtype == jnp.float32
     assert _rel_err(out, f32(ids)) <= 5e-2
+
+
+def test_moe_without_shared_expert():
+    cfg = preset("debug-hybrid-moe", shared_intermediate_size=0)
+    model = GraniteModel(cfg, rngs=nnx.Rngs(0))
+    assert model(jnp.ones((1, 8), jnp.int32)).shape == (1, 8, cfg.vocab_size)
+    with pytest.raises(ValueError, match="shared_intermediate_size=0"):
+        preset("debug-hybrid-dense", shared_intermediate_size=0)

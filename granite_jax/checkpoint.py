@@ -1,0 +1,175 @@
+"""Orbax checkpoints of a training run, and `restore_model` for users.
+
+Layout (one directory per saved step, written atomically by Orbax: a step directory appears only once complete):
+
+    WORKDIR/checkpoints/<step>/
+        params/      the model's parameters (float32 master weights), one entry per parameter path 'layers.blocks.0...'
+        train/       optimizer state ('opt.*') and the counters step, rng, nonfinite_total, nonfinite_streak
+        data/        the data iterator's state, one JSON file per process (grain's checkpoint handler)
+        meta/        JSON: the ModelConfig fields and the run's full config
+
+Saves are asynchronous (the train loop goes on while Orbax writes) and keep the last K steps. A step that cannot
+be restored (truncated/corrupt files) is reported, moved to WORKDIR/checkpoints_corrupt/, and the previous one is
+tried, so nothing is lost silently and the run re-saves that step number later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from granite_jax.config import ModelConfig
+from granite_jax.optim import path_str
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "checkpoints_corrupt"
+_STATE_ITEMS = ("params", "train")
+
+
+def _flat(tree) -> dict[str, Any]:
+    """{'a.b.c': leaf} from any pytree (nnx.State, dicts)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p).replace("/", "."): leaf for p, leaf in leaves}
+
+
+def _unflat(tree, flat: dict[str, Any]):
+    """The inverse of `_flat` for a `tree` of the same structure."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p).replace("/", ".")] for p, _ in paths])
+
+
+def _split(state: dict) -> tuple[dict, dict]:
+    """(params, rest) of a train state, each flat."""
+    return _flat(state["params"]), _flat({k: v for k, v in state.items() if k != "params"})
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """Saves and restores train states (`train_step` layout) with the data iterator and run metadata."""
+
+    def __init__(self, workdir: str, *, keep: int, use_async: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self._manager = self._open(keep, use_async)
+        self._last_saved: int | None = None
+
+    def _open(self, keep: int, use_async: bool) -> ocp.CheckpointManager:
+        handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
+                    "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=True)
+        return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: dict, data_iterator, meta: dict) -> None:
+        """Starts saving `state` (and the iterator's state, read now) as step `step`; returns before writing ends."""
+        if step == self._last_saved or step in self._manager.all_steps():
+            return
+        self._last_saved = step
+        params, rest = _split(state)
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(rest),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, force=True)
+
+    def restore(self, abstract_state: dict, shardings: dict, data_iterator) -> dict | None:
+        """The latest restorable train state (placed with `shardings`) and the iterator set to its state; None when
+        there is no checkpoint. Unrestorable steps are reported, moved aside, and the previous one is tried."""
+        for step in reversed(self.all_steps()):
+            try:
+                return self._restore_step(step, abstract_state, shardings, data_iterator)
+            except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
+                self._quarantine(step, e)
+        return None
+
+    def _restore_step(self, step: int, abstract_state: dict, shardings: dict, data_iterator) -> dict:
+        params_abs, rest_abs = _split(_abstract(abstract_state, shardings))
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(params_abs), train=ocp.args.StandardRestore(rest_abs),
+            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+        state = _unflat(abstract_state, {**{f"params.{k}": v for k, v in restored["params"].items()},
+                                         **restored["train"]})
+        if int(state["step"]) != step:
+            raise ValueError(f"checkpoint {step} holds train step {int(state['step'])}")
+        return state
+
+    def _quarantine(self, step: int, error: Exception) -> None:
+        path = os.path.join(self.directory, str(step))
+        target = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.error("checkpoint %s cannot be restored (%s: %s); moving it to %s and trying the previous one",
+                  path, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", target)
+        if jax.process_index() == 0 and os.path.isdir(path):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(path, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"granite_jax_quarantine_{step}")
+        self._manager.reload()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def run_meta(model_cfg: ModelConfig, config_dict: dict) -> dict:
+    """The JSON metadata stored with every checkpoint."""
+    model = dataclasses.asdict(model_cfg)
+    model["time_step_limit"] = [v if np.isfinite(v) else str(v) for v in model["time_step_limit"]]
+    return {"model_config": model, "config": config_dict}
+
+
+def model_config_from_meta(meta: dict) -> ModelConfig:
+    fields = dict(meta["model_config"])
+    fields["time_step_limit"] = tuple(float(v) for v in fields["time_step_limit"])
+    fields["layer_types"] = tuple(fields["layer_types"])
+    return ModelConfig(**fields)
+
+
+def restore_model(workdir: str, step: int | None = None):
+    """The `GraniteModel` of checkpoint `step` (default: the latest) of a run in `workdir`, on the host CPU.
+
+    Reads only the parameters (not the optimizer state). Raises FileNotFoundError when there is no checkpoint.
+    """
+    from granite_jax.model import GraniteModel
+
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers,
+                               options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as manager:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} under {directory}; found steps {steps}")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        cfg = model_config_from_meta(meta)
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))
+        graphdef, abstract_params = nnx.split(abstract)
+        cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cpu) for k, v in _flat(abstract_params).items()}
+        params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    return nnx.merge(graphdef, _unflat(abstract_params, params))

@@ -1,0 +1,117 @@
+"""`granite-jax compile-check [--config FILE] --topology v5p:8x8x4 [--config.KEY=VALUE ...]`
+
+Compiles a run config's real train step (the one `granite-jax train` jits: same shardings, loss, optimizer,
+gradient accumulation, remat) ahead of time for a TPU topology with libtpu's compiler, on a CPU-only machine, and
+prints the per-device HBM the executable needs and how long compiling took. Check a config here before booking a pod.
+
+Nothing is allocated: parameters, optimizer state and the batch are `ShapeDtypeStruct`s sharded over a mesh of the
+topology's devices (`jax.experimental.topologies`). Kernels set to "auto" are resolved for the target (Pallas SSD
+on TPU, ragged_dot experts), since "auto" on this CPU host would pick the CPU ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+# HBM per chip, bytes (matched against the topology name's prefix).
+HBM_BYTES = {"v5p": 95e9, "v5e": 16e9, "v5litepod": 16e9, "v6e": 32e9, "v4": 32e9}
+
+
+def compile_train_step(cfg, topology: str) -> dict:
+    """AOT-compiles the train step of run config `cfg` for `topology`; returns the figures as a dict."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding
+
+    from granite_jax import optim, sharding, train, train_step
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    model_cfg = train.validate(cfg, len(devices))
+    changes = {}
+    if model_cfg.ssd_impl == "auto":
+        changes["ssd_impl"] = "pallas_tpu"
+    if model_cfg.moe_impl == "auto" and model_cfg.has_experts:
+        changes["moe_impl"] = "ragged_dot"
+    model_cfg = model_cfg.replace(**changes)
+    t = cfg.train
+    tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.schedule, total_steps=t.steps,
+                                        tokens_per_step=t.batch_size * t.seq_len)
+    mesh_cfg = dict(cfg.mesh)
+    mesh = sharding.make_mesh(mesh_cfg, devices, dcn=dict(mesh_cfg.pop("dcn")))
+    graphdef, abstract = train_step.abstract_state(model_cfg, tx, seed=t.seed)
+    shardings = train_step.state_shardings(abstract, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(sharding.batch_names(2), mesh,
+                                                                  shape=(t.batch_size, t.seq_len), what="batch"))
+    batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32, sharding=batch_sharding)
+             for k in ("tokens", "segment_ids", "positions")}
+    step_fn = train_step.make_train_step(graphdef, mesh, grad_accum_steps=t.grad_accum_steps, schedule=schedule,
+                                         abstract_state=abstract)
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+        lowered = step_fn.jitted.lower(state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+              "generated_code_size_in_bytes")
+    figures = {f: int(getattr(mem, f, 0) or 0) for f in fields}
+    # Donated state aliases the outputs: peak = arguments + outputs - aliased + temporaries (+ code).
+    peak = (figures["argument_size_in_bytes"] + figures["output_size_in_bytes"] - figures["alias_size_in_bytes"]
+            + figures["temp_size_in_bytes"] + figures["generated_code_size_in_bytes"])
+    hbm = next((v for k, v in HBM_BYTES.items() if topology.startswith(k)), None)
+    return {"topology": topology, "devices": len(devices), "mesh": dict(mesh.shape), "model": {
+        "layers": model_cfg.num_hidden_layers, "hidden_size": model_cfg.hidden_size,
+        "experts": model_cfg.num_local_experts, "ssd_impl": model_cfg.ssd_impl, "moe_impl": model_cfg.moe_impl,
+        "dtype": model_cfg.dtype, "remat": model_cfg.remat},
+        "batch_size": t.batch_size, "seq_len": t.seq_len, "lower_s": t1 - t0, "compile_s": t2 - t1,
+        "peak_bytes_per_device": peak, "hbm_bytes_per_device": hbm, "fits": None if hbm is None else peak <= hbm,
+        **figures}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="granite-jax compile-check", description=__doc__.split("\n\n")[0],
+                                     epilog="Any --config.KEY=VALUE overrides that key of the config.")
+    parser.add_argument("--config", default=None, help="experiments/FILE.py (default: train.default_config())")
+    parser.add_argument("--topology", required=True, help="TPU topology name, e.g. v5p:8x8x4, v5e:16x16, v6e:8x8")
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # libtpu takes a machine-wide lock even when it only compiles; allow several checks (and tests) at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+    from granite_jax import train
+
+    try:
+        if args.config:
+            cfg = train.load_config(args.config, overrides)
+        else:
+            cfg = train.default_config()
+            for item in overrides:
+                key, _, text = item.partition("=")
+                train._override(cfg, key, text)  # noqa: SLF001 - same parsing as `train`
+        result = compile_train_step(cfg, args.topology)
+    except ValueError as e:
+        print(f"granite-jax compile-check: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    gb = 1e9
+    print(f"{args.topology}: {result['devices']} chips, mesh {result['mesh']}")
+    print(f"model {result['model']}, global batch {result['batch_size']} x {result['seq_len']}")
+    print(f"lower {result['lower_s']:.1f} s, compile {result['compile_s']:.1f} s")
+    print(f"per device: arguments {result['argument_size_in_bytes'] / gb:.2f} GB, outputs "
+          f"{result['output_size_in_bytes'] / gb:.2f} GB (aliased {result['alias_size_in_bytes'] / gb:.2f} GB), "
+          f"temporaries {result['temp_size_in_bytes'] / gb:.2f} GB -> peak {result['peak_bytes_per_device'] / gb:.2f} GB"
+          + (f" of {result['hbm_bytes_per_device'] / gb:.0f} GB: {'fits' if result['fits'] else 'DOES NOT FIT'}"
+             if result["hbm_bytes_per_device"] else ""))
+    return 0 if result["fits"] is not False else 1

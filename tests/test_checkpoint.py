@@ -1,0 +1,125 @@
+"""Checkpoints of real runs (subprocesses of `granite-jax train` on a tiny model): exact resume after SIGKILL,
+SIGTERM saves at the step it was received and exits 0, a truncated latest checkpoint falls back to the previous one,
+and `restore_model` gives the trained model back."""
+
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from test_train import REPO, losses, metric_lines, run_train, subprocess_env, train_cmd, write_config, write_corpus
+
+STEPS = 20
+OVERRIDES = (f"--config.train.steps={STEPS}",)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    corpus = write_corpus(root / "corpus")
+    return write_config(root, corpus), root / "cache"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, tmp_path_factory):
+    config, cache = setup
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_train(config, workdir, *OVERRIDES, cache_dir=cache)
+    return workdir
+
+
+def _steps(workdir):
+    directory = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+
+
+def _wait_for_lines(proc, workdir, n, timeout=600):
+    """Waits until metrics.jsonl of `workdir` has at least `n` lines."""
+    deadline = time.time() + timeout
+    path = os.path.join(workdir, "metrics.jsonl")
+    while time.time() < deadline:
+        assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stdout.read()[-2000:]
+        if os.path.exists(path):
+            with open(path) as f:
+                if sum(1 for _ in f) >= n:
+                    return
+        time.sleep(0.02)
+    raise TimeoutError(f"{path} did not reach {n} lines")
+
+
+@pytest.mark.slow
+def test_sigterm_then_sigkill_then_resume_gives_the_same_losses_bit_for_bit(setup, uninterrupted, tmp_path):
+    config, cache = setup
+    reference = losses(uninterrupted)
+    assert sorted(reference) == list(range(1, STEPS + 1))
+    workdir = tmp_path / "interrupted"
+    popen = lambda: subprocess.Popen(train_cmd(config, workdir, *OVERRIDES), env=subprocess_env(1, cache),  # noqa
+                                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # SIGTERM: checkpoint at the step the signal was seen, exit code 0.
+    proc = popen()
+    _wait_for_lines(proc, workdir, 3)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-3000:]
+    term_step = max(m["step"] for m in metric_lines(workdir))
+    assert term_step < STEPS and _steps(workdir)[-1] == term_step, (term_step, _steps(workdir))
+    assert f"saving a checkpoint at step {term_step}" in out
+
+    # SIGKILL mid-way: no chance to save; the restart goes back to the last periodic checkpoint.
+    proc = popen()
+    _wait_for_lines(proc, workdir, term_step + 5)
+    proc.kill()
+    proc.wait(timeout=60)
+    killed_at = max(m["step"] for m in metric_lines(workdir))
+    assert killed_at < STEPS
+
+    run_train(config, workdir, *OVERRIDES, cache_dir=cache)
+    lines = metric_lines(workdir)
+    assert {m["step"] for m in lines} == set(reference)
+    for m in lines:  # every step logged by every attempt, re-run steps included, equals the uninterrupted run
+        assert m["loss"] == reference[m["step"]], (m["step"], m["loss"], reference[m["step"]])
+
+
+@pytest.mark.slow
+def test_truncated_latest_checkpoint_falls_back_to_the_previous(setup, uninterrupted, tmp_path):
+    config, cache = setup
+    workdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(uninterrupted), str(workdir)], check=True)
+    latest = _steps(workdir)[-1]
+    files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / str(latest) / "params") for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+    open(workdir / "metrics.jsonl", "w").close()
+
+    proc = run_train(config, workdir, *OVERRIDES, cache_dir=cache)
+    assert f"checkpoint {workdir}/checkpoints/{latest} cannot be restored" in proc.stderr
+    assert os.listdir(workdir / "checkpoints_corrupt")[0].startswith(f"{latest}-")
+    redone = losses(workdir)
+    previous = _steps(uninterrupted)[-2]
+    assert sorted(redone) == list(range(previous + 1, STEPS + 1))
+    reference = losses(uninterrupted)
+    assert all(redone[s] == reference[s] for s in redone)
+    assert _steps(workdir)[-1] == STEPS
+
+
+@pytest.mark.slow
+def test_restore_model_returns_the_trained_parameters(uninterrupted):
+    import jax
+    from flax import nnx
+
+    from granite_jax.checkpoint import restore_model
+
+    model = restore_model(str(uninterrupted))
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == 256
+    first = restore_model(str(uninterrupted), step=_steps(uninterrupted)[0])
+    a, b = jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(first, nnx.Param))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, b)), "the first and last checkpoints should hold different weights"
+    logits = model(np.ones((1, 8), np.int32))
+    assert logits.shape == (1, 8, 256) and bool(np.isfinite(np.asarray(logits)).all())
+    with pytest.raises(FileNotFoundError, match="step 3"):
+        restore_model(str(uninterrupted), step=3)
