@@ -1,5 +1,6 @@
 """Grouped-query attention without positional encoding (or RoPE), scale `attention_multiplier`, causal within each
-packed document, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU)."""
+packed document, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU); with the sequence sharded over
+the `context` mesh axis, through `context_parallel.attention` (all-gathered or ring-passed keys, blockwise)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from granite_jax import context_parallel
 from granite_jax.params import constant, normal, param
 
 
@@ -34,6 +36,7 @@ class Attention(nnx.Module):
         pd, init = cfg.param_dtype, normal(cfg.initializer_range)
         self.dtype, self.scale = jnp.dtype(cfg.dtype), cfg.attention_multiplier
         self.rope_theta = cfg.rope_theta if cfg.use_rope else None
+        self.context_attention = cfg.context_attention
         self.q_proj = param(rngs, init, (H, N, hd), ("embed", "q_heads", "head_dim"), pd)
         self.k_proj = param(rngs, init, (H, K, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = param(rngs, init, (H, K, hd), ("embed", "kv_heads", "head_dim"), pd)
@@ -59,7 +62,11 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             q_BLNH = rope(q_BLNH, positions_BL, self.rope_theta)
             k_BLKH = rope(k_BLKH, positions_BL, self.rope_theta)
-        out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=document_causal_mask(segment_ids_BL),
-                                                scale=self.scale)
+        if context_parallel.context_size() > 1:
+            out_BLNH = context_parallel.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, scale=self.scale,
+                                                  strategy=self.context_attention)
+        else:
+            out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH,
+                                                    mask=document_causal_mask(segment_ids_BL), scale=self.scale)
         y_BLD = jnp.einsum("blnh,nhd->bld", out_BLNH, self.o_proj[...].astype(self.dtype))
         return y_BLD if self.o_bias is None else y_BLD + self.o_bias[...].astype(self.dtype)

@@ -144,11 +144,18 @@ def _flat_params(model: GraniteModel) -> dict[Path, nnx.Variable]:
     return {tuple(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def hf_tensors(model: GraniteModel, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) one Hugging Face tensor at a time (only that tensor is materialised on the host)."""
-    params = _flat_params(model)
+ReadPiece = Callable[[Path, tuple], np.ndarray]  # (parameter path, index) -> that slice of the parameter, on host
+
+
+def hf_tensors(model: GraniteModel, dtype=None, read: ReadPiece | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) one Hugging Face tensor at a time (only that tensor is materialised on the host).
+
+    `read` fetches parameter slices from elsewhere (e.g. a checkpoint on disk), so `model` may be abstract."""
+    if read is None:
+        params = _flat_params(model)
+        read = lambda path, index: np.asarray(jax.device_get(params[path][...][index]))  # noqa: E731
     for spec in tensor_specs(model):
-        parts = [_piece_to_hf(np.asarray(jax.device_get(params[pc.path][...][pc.index])), spec) for pc in spec.pieces]
+        parts = [_piece_to_hf(read(pc.path, pc.index), spec) for pc in spec.pieces]
         t = np.concatenate(parts, axis=spec.n_batch) if len(parts) > 1 else parts[0]
         t = t.reshape(spec.shape)
         yield spec.name, (t if dtype is None else t.astype(dtype))
@@ -253,9 +260,15 @@ def _write_safetensors(path: str, entries: list[tuple[str, np.dtype, tuple[int, 
 
 
 def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None, overwrite: bool = True,
-                    max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+                    max_shard_bytes: int = MAX_SHARD_BYTES, read: ReadPiece | None = None,
+                    on_tensor: Callable[[str, np.ndarray], None] | None = None,
+                    extra_files: Callable[[str], None] | None = None) -> None:
     """Writes `path` as a Hugging Face model folder in the released Granite 4.0 layout (atomically: a temporary
-    sibling folder renamed into place). `dtype` (e.g. jnp.bfloat16) casts the weights; None keeps the param dtype."""
+    sibling folder renamed into place). `dtype` (e.g. jnp.bfloat16) casts the weights; None keeps the param dtype.
+
+    `read` is passed to `hf_tensors`; `on_tensor(name, array)` sees each tensor before it is written (raise to
+    abort); `extra_files(tmp_dir)` adds files (tokenizer, generation config) before the folder is renamed into place.
+    """
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -275,7 +288,9 @@ def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None,
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(path), dir=parent)
     try:
-        stream = hf_tensors(model, out_dtype)
+        stream = hf_tensors(model, out_dtype, read)
+        if on_tensor is not None:
+            stream = ((n, on_tensor(n, t) or t) for n, t in stream)
         names = [SINGLE_FILE] if len(shards) == 1 else [
             f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
         weight_map = {}
@@ -288,6 +303,8 @@ def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None,
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             f.write(cfg.to_hf_json(dtype=out_dtype.name))
+        if extra_files is not None:
+            extra_files(tmp)
         if os.path.exists(path):
             shutil.rmtree(path)
         os.rename(tmp, path)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from granite_jax import context_parallel
 from granite_jax.norms import GatedRMSNorm
 from granite_jax.params import constant, normal, param
 from pallas_kernels.ssd import ssd
@@ -30,12 +31,19 @@ def _dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=1e-1):
     return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
 
 
-def causal_conv(x_BLC, w_KC, bias_C, segment_ids_BL):
-    """Depthwise causal conv: out[t] = bias + sum_j w[j] * x[t - (K-1) + j], taps from another segment masked."""
+def causal_conv(x_BLC, segment_ids_BL, w_KC, bias_C, history=None):
+    """Depthwise causal conv: out[t] = bias + sum_j w[j] * x[t - (K-1) + j], taps from another segment masked.
+
+    `history` = (x [B,K-1,C], segment ids [B,K-1] or None): the tokens before x (the previous context shard's tail);
+    None means zero padding that belongs to no document."""
     K, L = w_KC.shape[0], x_BLC.shape[1]
-    x_pad = jnp.pad(x_BLC, ((0, 0), (K - 1, 0), (0, 0)))
+    if history is None:
+        B = x_BLC.shape[0]
+        history = (jnp.zeros((B, K - 1, x_BLC.shape[2]), x_BLC.dtype),
+                   None if segment_ids_BL is None else jnp.full((B, K - 1), -1, segment_ids_BL.dtype))
+    x_pad = jnp.concatenate([history[0].astype(x_BLC.dtype), x_BLC], axis=1)
     out = jnp.zeros_like(x_BLC) if bias_C is None else jnp.broadcast_to(bias_C, x_BLC.shape).astype(x_BLC.dtype)
-    seg_pad = None if segment_ids_BL is None else jnp.pad(segment_ids_BL, ((0, 0), (K - 1, 0)), constant_values=-1)
+    seg_pad = None if segment_ids_BL is None else jnp.concatenate([history[1], segment_ids_BL], axis=1)
     for j in range(K):
         tap_BLC = x_pad[:, j:j + L] * w_KC[j]
         if seg_pad is not None and j < K - 1:
@@ -88,7 +96,11 @@ class Mamba2Mixer(nnx.Module):
         B, L = u.shape[:2]
         w = kernel[...].astype(self.dtype)
         b = None if bias is None else bias[...].astype(self.dtype).reshape(-1)
-        out = causal_conv(u.reshape(B, L, -1), w.reshape(w.shape[0], -1), b, segment_ids_BL)
+        args = (u.reshape(B, L, -1), segment_ids_BL, w.reshape(w.shape[0], -1), b)
+        if context_parallel.context_size() > 1:  # the first K-1 taps read the previous shard's tokens
+            out = context_parallel.with_previous_tokens(causal_conv, *args, width=w.shape[0] - 1)
+        else:
+            out = causal_conv(*args)
         return jax.nn.silu(out).reshape(u.shape)
 
     def __call__(self, x_BLD, segment_ids_BL):
@@ -101,10 +113,12 @@ class Mamba2Mixer(nnx.Module):
                               self.conv_bias_bc, segment_ids_BL)
         dt_BLH = self._in(x_BLD, self.in_proj_dt, self.in_bias_dt, "h")
         A_H = -jnp.exp(self.A_log[...].astype(jnp.float32))
-        y_BLHP = ssd(xs_BLHP, dt_BLH, A_H, bc_BL2GN[:, :, 0], bc_BL2GN[:, :, 1], chunk_size=self.chunk_size,
-                     D=self.D[...].astype(jnp.float32), dt_bias=self.dt_bias[...].astype(jnp.float32),
-                     dt_softplus=True, dt_limit=self.dt_limit, segment_ids=segment_ids_BL, impl=self.ssd_impl,
-                     interpret=self.ssd_interpret)
+        # Under a `context` mesh axis the scan runs per shard and the shards exchange their states.
+        scan = context_parallel.ssd if context_parallel.context_size() > 1 else ssd
+        y_BLHP = scan(xs_BLHP, dt_BLH, A_H, bc_BL2GN[:, :, 0], bc_BL2GN[:, :, 1], chunk_size=self.chunk_size,
+                      D=self.D[...].astype(jnp.float32), dt_bias=self.dt_bias[...].astype(jnp.float32),
+                      dt_softplus=True, dt_limit=self.dt_limit, segment_ids=segment_ids_BL, impl=self.ssd_impl,
+                      interpret=self.ssd_interpret)
         y_BLHP = self.norm(y_BLHP, z_BLHP)
         out_BLD = jnp.einsum("blhp,hpd->bld", y_BLHP, self.out_proj[...].astype(self.dtype))
         return out_BLD if self.out_bias is None else out_BLD + self.out_bias[...].astype(self.dtype)

@@ -1,0 +1,233 @@
+"""`granite-jax export WORKDIR --out HF_DIR`: a run's Orbax checkpoint as a Hugging Face Granite 4.0 model folder.
+
+Reads the checkpoint without the mesh or devices that wrote it: each parameter is opened directly with tensorstore
+(the zarr arrays inside Orbax's OCDBT store, `WORKDIR/checkpoints/<step>/params/<name>`), and each Hugging Face tensor
+is assembled from just the slices it needs (one layer of a stacked parameter), so peak host memory is about the
+largest Hugging Face tensor, not the model. Writes config.json, generation_config.json, safetensors shards + index
+(`hf.save_pretrained`) and the tokenizer of the run's data, into a temporary folder renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from granite_jax.checkpoint import CHECKPOINT_DIR
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja")
+
+
+class ExportError(Exception):
+    """Bad input to export; the message says what and what to do."""
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The complete checkpoint steps of a run (Orbax writes commit_success.txt / _CHECKPOINT_METADATA last)."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise ExportError(f"{workdir} is not a granite-jax run: it has no {CHECKPOINT_DIR}/ directory "
+                          "(pass the --workdir of `granite-jax train`)")
+    steps = []
+    for name in os.listdir(directory):
+        step_dir = os.path.join(directory, name)
+        if name.isdigit() and os.path.isdir(os.path.join(step_dir, "params")) and (
+                os.path.exists(os.path.join(step_dir, "_CHECKPOINT_METADATA"))
+                or os.path.exists(os.path.join(step_dir, "commit_success.txt"))):
+            steps.append(int(name))
+    return sorted(steps)
+
+
+def read_meta(workdir: str, step: int) -> dict:
+    with open(os.path.join(workdir, CHECKPOINT_DIR, str(step), "meta", "metadata")) as f:
+        return json.load(f)
+
+
+class CheckpointReader:
+    """Reads slices of the parameters of one checkpoint step from disk (no devices, no mesh)."""
+
+    def __init__(self, params_dir: str):
+        import tensorstore as ts
+
+        self._ts, self._base, self._open = ts, "file://" + os.path.abspath(params_dir), {}
+
+    def _array(self, name: str):
+        if name not in self._open:
+            spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": self._base, "path": name}}
+            try:
+                self._open[name] = self._ts.open(spec, open=True, read=True).result()
+            except ValueError as e:
+                raise ExportError(f"parameter {name!r} cannot be read from {self._base[7:]}: "
+                                  f"{str(e).splitlines()[0][:300]}") from e
+        return self._open[name]
+
+    def __call__(self, path: tuple, index: tuple) -> np.ndarray:
+        return np.asarray(self._array(".".join(map(str, path)))[index].read().result())
+
+
+def _tokenizer_source(meta: dict, override: str | None) -> str | None:
+    """A tokenizer.json file or a folder of tokenizer files: --tokenizer, else the first data source that has one."""
+    if override:
+        if not os.path.exists(override):
+            raise ExportError(f"--tokenizer {override}: no such file or folder")
+        return override
+    for source in (meta.get("config", {}).get("data", {}) or {}).get("sources") or []:
+        path = source.get("path") if isinstance(source, dict) else None
+        if path and os.path.isfile(os.path.join(path, "tokenizer.json")):
+            return path
+    return None
+
+
+def _copy_tokenizer(source: str | None, out: str) -> None:
+    if source is None:
+        return
+    if os.path.isfile(source):
+        shutil.copy(source, os.path.join(out, "tokenizer.json"))
+        return
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            shutil.copy(os.path.join(source, name), os.path.join(out, name))
+
+
+SIGNATURE = "model.sig"
+
+
+def _hashing(folder: str):
+    from model_signing import hashing
+
+    return hashing.Config().set_ignored_paths(paths=[os.path.join(folder, SIGNATURE)])
+
+
+def sign(folder: str, private_key: str) -> None:
+    """Writes folder/model.sig over every file of `folder` with an elliptic-curve PEM key (OpenSSF model-signing,
+    offline), as released Granite 4.0 checkpoints are signed."""
+    from model_signing import signing
+
+    signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(_hashing(folder)).sign(
+        folder, os.path.join(folder, SIGNATURE))
+
+
+def verify(folder: str, public_key: str) -> None:
+    """Raises ValueError when a file of `folder` was modified, added or removed since it was signed."""
+    from model_signing import verifying
+
+    signature = os.path.join(folder, SIGNATURE)
+    if not os.path.isfile(signature):
+        raise ValueError(f"{folder} has no {SIGNATURE}; it was not exported with --sign-key")
+    verifying.Config().use_elliptic_key_verifier(public_key=public_key).set_hashing_config(_hashing(folder)).verify(
+        folder, signature)
+
+
+def generation_config(cfg) -> dict:
+    return {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+            "pad_token_id": cfg.pad_token_id}
+
+
+def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32", tokenizer: str | None = None,
+           overwrite: bool = False, allow_nonfinite: bool = False, sign_key: str | None = None,
+           progress: bool = True) -> str:
+    """Writes checkpoint `step` (default: the latest) of the run in `workdir` to `out` as a Hugging Face folder.
+
+    Returns `out`. Raises ExportError (nothing written) for a missing run/step, an existing `out` without
+    `overwrite`, or a non-finite tensor without `allow_nonfinite`. `sign_key` (an EC private key, PEM) adds
+    model.sig over the folder's files.
+    """
+    import jax.numpy as jnp
+    from flax import nnx
+    from tqdm import tqdm
+
+    from granite_jax import hf
+    from granite_jax.checkpoint import model_config_from_meta
+    from granite_jax.model import GraniteModel
+
+    workdir, out = os.path.abspath(workdir), os.path.abspath(out)
+    if dtype not in ("float32", "bfloat16"):
+        raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
+    if sign_key and not os.path.isfile(sign_key):
+        raise ExportError(f"--sign-key {sign_key}: no such file (an elliptic-curve private key in PEM)")
+    if os.path.exists(out) and not overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise ExportError(f"{workdir}/{CHECKPOINT_DIR} holds no complete checkpoint")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ExportError(f"no checkpoint for step {step} in {workdir}/{CHECKPOINT_DIR}; found steps {steps}")
+    meta = read_meta(workdir, step)
+    cfg = model_config_from_meta(meta)
+    tok_source = _tokenizer_source(meta, tokenizer)
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))  # shapes and the table only
+    reader = CheckpointReader(os.path.join(workdir, CHECKPOINT_DIR, str(step), "params"))
+    bar = tqdm(total=len(hf.tensor_specs(model)), unit="tensor", desc=f"export step {step}", disable=not progress)
+
+    def check(name: str, t: np.ndarray) -> None:
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(1)
+        if not allow_nonfinite and not np.isfinite(t.astype(np.float32)).all():
+            bad = int(np.size(t) - np.isfinite(t.astype(np.float32)).sum())
+            raise ExportError(f"tensor {name} of step {step} has {bad} non-finite values ({dtype}); export an "
+                              f"earlier step (--step, found {steps}) or pass --allow-nonfinite")
+
+    def extra(tmp: str) -> None:
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(generation_config(cfg), f, indent=2)
+        _copy_tokenizer(tok_source, tmp)
+        if sign_key:
+            sign(tmp, sign_key)  # paths in the signature are relative, so renaming the folder keeps it valid
+
+    try:
+        hf.save_pretrained(model, out, dtype=jnp.dtype(dtype), overwrite=overwrite, read=reader, on_tensor=check,
+                           extra_files=extra)
+    finally:
+        bar.close()
+    if tok_source is None:
+        print("note: no tokenizer found in the run's data sources; pass --tokenizer to include one", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="granite-jax export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("workdir", help="the run directory (the --workdir of `granite-jax train`)")
+    parser.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="weight dtype on disk (default bfloat16, as released Granite 4.0 checkpoints)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json or a folder of tokenizer files (default: the run's data source's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf weights instead of refusing")
+    parser.add_argument("--sign-key", default=None, help="EC private key (PEM): write model.sig over the folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    try:
+        out = export(args.workdir, args.out, step=args.step, dtype=args.dtype, tokenizer=args.tokenizer,
+                     overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, sign_key=args.sign_key,
+                     progress=not args.no_progress)
+    except ExportError as e:
+        print(f"granite-jax export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+def verify_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="granite-jax verify",
+                                     description="check an exported folder against its model.sig")
+    parser.add_argument("folder", help="a folder exported with --sign-key")
+    parser.add_argument("--public-key", required=True, help="the EC public key (PEM) of the signing key")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        verify(args.folder, args.public_key)
+    except ValueError as e:
+        print(f"granite-jax verify: FAILED: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.folder}: signature valid, no file modified, added or removed")
+    return 0
