@@ -40,7 +40,7 @@ def test_hybrid_moe_projections_match_active_params():
 def test_mamba_layer_hand_count():
     # H=8, I_m=16, nh=2 heads of P=8, N=4, G=1, K=4, chunk Q=4.
     cfg = ModelConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, mamba_n_heads=2, mamba_d_state=4,
-                      mamba_chunk_size=4, shared_intermediate_size=8)
+                      mamba_chunk_size=4, shared_intermediate_size=8, pad_token_id=0, bos_token_id=1, eos_token_id=1)
     out = flops.mamba_layer_flops(cfg, seq_len=64)
     assert out == {
         "mamba_in_proj": 2 * 8 * 42,    # in_proj width: z 16 + xBC (16 + 2*4) + dt 2 = 42
