@@ -146,6 +146,17 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def select_step(steps: list[int], step: int | None, directory: str) -> int:
+    """`step` if it is among the complete `steps` (default: the latest), else FileNotFoundError naming them."""
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint under {directory}")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} under {directory}; found steps {steps}")
+    return step
+
+
 def restore_model(workdir: str, step: int | None = None):
     """The `GraniteModel` of checkpoint `step` (default: the latest) of a run in `workdir`, on the host CPU.
 
@@ -157,13 +168,7 @@ def restore_model(workdir: str, step: int | None = None):
     handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     with ocp.CheckpointManager(directory, item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as manager:
-        steps = sorted(manager.all_steps())
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint under {directory}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise FileNotFoundError(f"no checkpoint for step {step} under {directory}; found steps {steps}")
+        step = select_step(sorted(manager.all_steps()), step, directory)
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         cfg = model_config_from_meta(meta)
         with nnx.use_eager_sharding(False):

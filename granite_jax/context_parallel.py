@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.ssd import ssd as ssd_op
+from pallas_kernels.ssd import ssd as ssd_op, transform_dt
 
 CONTEXT = "context"
 ATTENTION_STRATEGIES = ("all_gather", "ring")
@@ -64,16 +64,6 @@ def _from_previous(a, axis):
 
 
 # SSD ---------------------------------------------------------------------------------------------------------------
-
-def transform_dt(dt, dt_bias, dt_softplus, dt_limit):
-    """The dt transform of `pallas_kernels.ssd.ssd` (float32): clip(softplus?(dt + dt_bias), *dt_limit)."""
-    dt = dt.astype(jnp.float32)
-    if dt_bias is not None:
-        dt = dt + dt_bias.astype(jnp.float32)
-    if dt_softplus:
-        dt = jax.nn.softplus(dt)
-    return jnp.clip(dt, dt_limit[0], dt_limit[1])
-
 
 def ssd_shard(x, dt, A, B, C, D, initial_state, segment_ids, *, chunk_size, impl, interpret, axis):
     """One context shard of the SSD, inside `shard_map` over `axis`.

@@ -17,7 +17,7 @@ import sys
 
 import numpy as np
 
-from granite_jax.checkpoint import CHECKPOINT_DIR
+from granite_jax.checkpoint import CHECKPOINT_DIR, select_step
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "chat_template.jinja")
@@ -153,12 +153,10 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
     if os.path.exists(out) and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
     steps = checkpoint_steps(workdir)
-    if not steps:
-        raise ExportError(f"{workdir}/{CHECKPOINT_DIR} holds no complete checkpoint")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise ExportError(f"no checkpoint for step {step} in {workdir}/{CHECKPOINT_DIR}; found steps {steps}")
+    try:
+        step = select_step(steps, step, os.path.join(workdir, CHECKPOINT_DIR))
+    except FileNotFoundError as e:
+        raise ExportError(str(e)) from None
     meta = read_meta(workdir, step)
     cfg = model_config_from_meta(meta)
     tok_source = _tokenizer_source(meta, tokenizer)

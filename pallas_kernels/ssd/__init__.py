@@ -114,6 +114,16 @@ def _validate(x, dt, A, B, C, chunk_size, D, dt_bias, dt_limit, initial_state, s
         raise ValueError(f"dt_limit={dt_limit!r} must be a pair (low, high) with low <= high")
 
 
+def transform_dt(dt, dt_bias=None, dt_softplus: bool = False, dt_limit=(0.0, float("inf"))):
+    """The op's dt transform, in float32: clip(softplus?(dt + dt_bias), *dt_limit)."""
+    dt = dt.astype(jnp.float32)
+    if dt_bias is not None:
+        dt = dt + dt_bias.astype(jnp.float32)
+    if dt_softplus:
+        dt = jax.nn.softplus(dt)
+    return jnp.clip(dt, dt_limit[0], dt_limit[1])
+
+
 def ssd(
     x,
     dt,
@@ -161,12 +171,7 @@ def ssd(
 
         core = shard_ssd_core(core, mesh, batch_axes=("data", "fsdp", "expert"), head_axes=("tensor",))
 
-    dt_BLH = dt.astype(jnp.float32)
-    if dt_bias is not None:
-        dt_BLH = dt_BLH + dt_bias.astype(jnp.float32)
-    if dt_softplus:
-        dt_BLH = jax.nn.softplus(dt_BLH)
-    dt_BLH = jnp.clip(dt_BLH, dt_limit[0], dt_limit[1])
+    dt_BLH = transform_dt(dt, dt_bias, dt_softplus, dt_limit)
 
     y_BLHP, final_BHPN = core(
         x, dt_BLH, A, B, C, D, initial_state, segment_ids, chunk_size=int(chunk_size), interpret=interpret
