@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import time
@@ -48,6 +49,21 @@ def _unflat(tree, flat: dict[str, Any]):
     """The inverse of `_flat` for a `tree` of the same structure."""
     paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
     return jax.tree_util.tree_unflatten(treedef, [flat[path_str(p).replace("/", ".")] for p, _ in paths])
+
+
+def _params_save_args(flat: dict[str, Any]) -> dict[str, ocp.SaveArgs]:
+    """Storage chunks of one layer for the stacked per-layer parameters (`layers.blocks.*`, layer axis first) of a
+    MiB or more per layer, so that reading one layer of a checkpoint (export, tensor by tensor) reads only that
+    layer's bytes."""
+    out = {}
+    for name, a in flat.items():
+        shape = a.sharding.shard_shape(a.shape) if isinstance(a, jax.Array) else np.shape(a)
+        layer_bytes = math.prod(shape[1:]) * np.dtype(a.dtype).itemsize
+        if name.startswith("layers.blocks.") and len(shape) > 1 and shape[0] > 1 and layer_bytes >= 2 ** 20:
+            out[name] = ocp.SaveArgs(chunk_byte_size=layer_bytes, shard_axes=(0,))
+        else:
+            out[name] = ocp.SaveArgs()
+    return out
 
 
 def _split(state: dict) -> tuple[dict, dict]:
@@ -86,7 +102,8 @@ class Checkpointer:
             return
         self._last_saved = step
         params, rest = _split(state)
-        args = ocp.args.Composite(params=ocp.args.StandardSave(params), train=ocp.args.StandardSave(rest),
+        args = ocp.args.Composite(params=ocp.args.StandardSave(params, save_args=_params_save_args(params)),
+                                  train=ocp.args.StandardSave(rest),
                                   data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 
@@ -178,3 +195,20 @@ def restore_model(workdir: str, step: int | None = None):
         target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=cpu) for k, v in _flat(abstract_params).items()}
         params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     return nnx.merge(graphdef, _unflat(abstract_params, params))
+
+
+def save_model(model, workdir: str, step: int = 0, config_dict: dict | None = None) -> str:
+    """Writes the parameters of `model` (a `GraniteModel`) as checkpoint `step` of a run in `workdir`, in the layout
+    `granite-jax train` writes, so `restore_model` and `granite-jax export` read it (a model built or edited in
+    Python, handed to the export path). Parameters and metadata only: training cannot resume from it (use
+    `granite-jax import` for that). Returns the step directory."""
+    directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+    if os.path.exists(os.path.join(directory, str(step))):
+        raise FileExistsError(f"{directory} already has checkpoint {step}")
+    params = _flat(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    handlers = {"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(
+            params, save_args=_params_save_args(params)), meta=ocp.args.JsonSave(
+            run_meta(model.config, config_dict or {}))))
+    return os.path.join(directory, str(step))

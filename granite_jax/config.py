@@ -96,6 +96,9 @@ class ModelConfig:
     # Attention with the sequence sharded over the `context` mesh axis (docs/long_context.md): "all_gather" gathers
     # keys/values on every shard; "ring" passes them round the shards (when the gathered K/V would not fit).
     context_attention: str = "all_gather"
+    # Training loss: the [tokens, vocab] logits are computed this many tokens per sequence shard at a time (a remat'd
+    # scan), never for the whole sequence at once; 0 = all at once. The long-context lever (docs/long_context.md).
+    logits_chunk_tokens: int = 0
 
     def __post_init__(self):
         if self.layer_types is None:
@@ -205,6 +208,8 @@ class ModelConfig:
             fail("remat", self.remat, "must be 'none', 'full' or 'dots'")
         if self.context_attention not in CONTEXT_ATTENTION:
             fail("context_attention", self.context_attention, f"must be one of {CONTEXT_ATTENTION}")
+        if not (isinstance(self.logits_chunk_tokens, int) and self.logits_chunk_tokens >= 0):
+            fail("logits_chunk_tokens", self.logits_chunk_tokens, "must be an integer >= 0 (0 = no chunking)")
         for name in ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier",
                      "rms_norm_eps"):
             value = getattr(self, name)
@@ -281,7 +286,8 @@ class ModelConfig:
 
 
 _FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "moe_dispatch",
-                     "router_z_loss_coef", "remat", "context_attention"}
+                     "router_z_loss_coef", "remat", "context_attention",
+                     "logits_chunk_tokens"}
 
 
 def _json_float(v) -> float:

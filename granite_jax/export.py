@@ -123,6 +123,21 @@ def verify(folder: str, public_key: str) -> None:
         folder, signature)
 
 
+def _return_large_buffers_to_the_os() -> None:
+    """Buffers of 1 MiB and more get their own mappings, released to the OS when freed (glibc's M_MMAP_THRESHOLD).
+
+    glibc otherwise raises that threshold to 32 MiB after the first large free, so tensors of up to 32 MiB come
+    from heap arenas that fragmentation keeps from shrinking: export's memory would grow with the number of such
+    tensors instead of staying at about the largest one. No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def generation_config(cfg) -> dict:
     return {"_from_model_config": True, "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
             "pad_token_id": cfg.pad_token_id}
@@ -163,13 +178,14 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))  # shapes and the table only
     reader = CheckpointReader(os.path.join(workdir, CHECKPOINT_DIR, str(step), "params"))
+    _return_large_buffers_to_the_os()
     bar = tqdm(total=len(hf.tensor_specs(model)), unit="tensor", desc=f"export step {step}", disable=not progress)
 
     def check(name: str, t: np.ndarray) -> None:
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
-        if not allow_nonfinite and not np.isfinite(t.astype(np.float32)).all():
-            bad = int(np.size(t) - np.isfinite(t.astype(np.float32)).sum())
+        if not allow_nonfinite and not np.isfinite(t).all():
+            bad = int(np.size(t) - np.isfinite(t).sum())
             raise ExportError(f"tensor {name} of step {step} has {bad} non-finite values ({dtype}); export an "
                               f"earlier step (--step, found {steps}) or pass --allow-nonfinite")
 

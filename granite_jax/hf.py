@@ -157,8 +157,11 @@ def hf_tensors(model: GraniteModel, dtype=None, read: ReadPiece | None = None) -
     for spec in tensor_specs(model):
         parts = [_piece_to_hf(read(pc.path, pc.index), spec) for pc in spec.pieces]
         t = np.concatenate(parts, axis=spec.n_batch) if len(parts) > 1 else parts[0]
+        del parts  # each step below drops its input: about two copies of the tensor at most are alive
         t = t.reshape(spec.shape)
-        yield spec.name, (t if dtype is None else t.astype(dtype))
+        if dtype is not None:
+            t = t.astype(dtype, copy=False)
+        yield spec.name, t
 
 
 # Reading ---------------------------------------------------------------------------------------------------------
@@ -256,7 +259,7 @@ def _write_safetensors(path: str, entries: list[tuple[str, np.dtype, tuple[int, 
         for (name, dt, shape), t in zip(entries, tensors):
             if t.shape != tuple(shape) or t.dtype != dt:
                 raise AssertionError(f"{name}: produced {t.shape} {t.dtype}, header says {shape} {dt}")
-            f.write(np.ascontiguousarray(t).tobytes())
+            f.write(np.ascontiguousarray(t).reshape(-1).view(np.uint8).data)  # no copy of the bytes
 
 
 def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None, overwrite: bool = True,

@@ -264,3 +264,18 @@ class Profiler:
         if self.active:
             jax.profiler.stop_trace()
             self.active = False
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes since it started (or exec'd): Linux's VmHWM, which unlike
+    `getrusage().ru_maxrss` does not carry over the parent's peak into a forked-and-exec'd child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)

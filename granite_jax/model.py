@@ -149,6 +149,11 @@ def _or_ones(segment_ids_BL, h_BLD):
     return jnp.ones(h_BLD.shape[:2], jnp.int32) if segment_ids_BL is None else segment_ids_BL
 
 
+def project_logits(h_BLD, head_VD, logits_scaling: float):
+    """float32 logits [B,L,V] of final hidden states: h @ head.T / logits_scaling."""
+    return jnp.einsum("bld,vd->blv", h_BLD, head_VD, preferred_element_type=jnp.float32) / logits_scaling
+
+
 class GraniteModel(nnx.Module):
     """Granite 4.0 hybrid causal LM. `model.config` is its `ModelConfig`."""
 
@@ -161,10 +166,12 @@ class GraniteModel(nnx.Module):
         self.lm_head = (None if cfg.tie_word_embeddings
                         else param(rngs, normal(cfg.initializer_range), (V, H), ("vocab", "embed"), pd))
 
-    def __call__(self, input_ids, *, segment_ids=None, positions=None, return_aux=False):
+    def __call__(self, input_ids, *, segment_ids=None, positions=None, return_aux=False, return_hidden=False):
         """input_ids [B,L] int; segment_ids [B,L] int (packed documents; 0 = padding) or None; positions [B,L] or
         None (derived per document). Returns float32 logits [B,L,V], or (logits, aux) with `return_aux=True`:
-        aux holds `load_balancing_loss`, `router_z_loss` (unscaled scalars) and `expert_load` [moe_layers, E]."""
+        aux holds `load_balancing_loss`, `router_z_loss` (unscaled scalars) and `expert_load` [moe_layers, E].
+        `return_hidden=True` returns the final normalised hidden states [B,L,D] (compute dtype) in place of the
+        logits: `project_logits(hidden, *model.head())` gives them, a slice of tokens at a time if wished."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -175,9 +182,7 @@ class GraniteModel(nnx.Module):
         h_BLD = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype) * cfg.embedding_multiplier
         h_BLD, stats = self.layers(h_BLD, segment_ids, positions, token_mask_BL)
         h_BLD = self.norm(h_BLD)
-        head_VD = (self.embed_tokens if self.lm_head is None else self.lm_head)[...].astype(dtype)
-        logits_BLV = jnp.einsum("bld,vd->blv", h_BLD, head_VD, preferred_element_type=jnp.float32)
-        logits_BLV = logits_BLV / cfg.logits_scaling
+        logits_BLV = h_BLD if return_hidden else project_logits(h_BLD, *self.head())
         if not return_aux:
             return logits_BLV
         if stats is None:
@@ -185,3 +190,8 @@ class GraniteModel(nnx.Module):
             return logits_BLV, {"load_balancing_loss": zero, "router_z_loss": zero,
                                 "expert_load": jnp.zeros((0, 0), jnp.float32)}
         return logits_BLV, aux_losses(stats, cfg.num_local_experts)
+
+    def head(self):
+        """(head_VD in the compute dtype, logits_scaling): the output projection (the embedding when tied)."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return head[...].astype(jnp.dtype(self.config.dtype)), self.config.logits_scaling

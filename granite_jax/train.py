@@ -9,7 +9,8 @@ The config file defines `get_config()` returning an ml_collections ConfigDict (s
     optimizer   `granite_jax.optim.default_optimizer_config()` keys
     schedule    `granite_jax.optim.default_schedule_config()` keys
     train       steps, batch_size (global rows per update), seq_len, seed, log_every_steps, grad_accum_steps,
-                remat, param_dtype, compute_dtype, nonfinite_max_consecutive, data_feed ("process": each process
+                remat, param_dtype, compute_dtype, logits_chunk_tokens (the loss computes the logits that many
+                tokens per sequence shard at a time; 0 = all), nonfinite_max_consecutive, data_feed ("process": each process
                 reads its own document shard; "global": every process reads the global batch stream and keeps its
                 rows, so the data order and losses do not depend on the number of processes)
     checkpoint  every_steps, keep, async
@@ -38,7 +39,8 @@ from granite_jax.config import ModelConfig, preset, preset_names
 
 log = logging.getLogger("granite_jax.train")
 
-_FROM_TRAIN = {"dtype": "compute_dtype", "param_dtype": "param_dtype", "remat": "remat"}
+_FROM_TRAIN = {"dtype": "compute_dtype", "param_dtype": "param_dtype", "remat": "remat",
+               "logits_chunk_tokens": "logits_chunk_tokens"}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,7 +59,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.schedule = default_schedule_config()
     c.train = ml_collections.ConfigDict(dict(
         steps=100_000, batch_size=8, seq_len=256, seed=0, log_every_steps=10, grad_accum_steps=1, remat="none",
-        param_dtype="float32", compute_dtype="bfloat16", nonfinite_max_consecutive=10, data_feed="process"))
+        param_dtype="float32", compute_dtype="bfloat16", nonfinite_max_consecutive=10, data_feed="process",
+        logits_chunk_tokens=0))
     c.checkpoint = ml_collections.ConfigDict({"every_steps": 500, "keep": 3, "async": True})
     c.eval = default_eval_config()
     c.profile = ml_collections.ConfigDict(dict(start_step=5, num_steps=0))

@@ -25,7 +25,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from granite_jax import optim, sharding
-from granite_jax.model import GraniteModel
+from granite_jax.context_parallel import context_size
+from granite_jax.model import GraniteModel, project_logits
 
 COUNTERS = ("step", "nonfinite_total", "nonfinite_streak")
 
@@ -47,12 +48,48 @@ def cross_entropy_sum(logits_BLV, targets_BL, weights_BL):
     return jnp.sum((lse_BL - target_logit_BL) * weights_BL)
 
 
+def chunked_cross_entropy_sum(h_BLD, head_VD, logits_scaling: float, targets_BL, weights_BL, chunk: int):
+    """`cross_entropy_sum` of `project_logits(h, head, logits_scaling)` without materialising the [B,L,V] logits:
+    a rematerialised scan computes them `chunk` tokens per sequence shard at a time (the backward recomputes each
+    chunk's logits), so the loss holds [B, chunk * shards, V] floats instead of [B, L, V].
+
+    With the sequence sharded over `context` (n shards), step s takes tokens s*chunk ... (s+1)*chunk-1 of every
+    shard, so each device works on its own tokens. chunk <= 0, or at least a shard's tokens, is the plain loss.
+    """
+    B, L, D = h_BLD.shape
+    shards = context_size()
+    local = L // shards
+    if chunk <= 0 or chunk >= local:
+        return cross_entropy_sum(project_logits(h_BLD, head_VD, logits_scaling), targets_BL, weights_BL)
+    if local % chunk:
+        raise ValueError(f"logits_chunk_tokens={chunk} must divide the {local} tokens of each sequence shard "
+                         f"(length {L} over {shards} context shards); pick a divisor of {local}")
+    steps = local // chunk
+
+    def split(x_BL_):  # [B, L, ...] -> [steps, B, shards * chunk, ...]
+        x = x_BL_.reshape(B, shards, steps, chunk, *x_BL_.shape[2:])
+        return jnp.moveaxis(x, 2, 0).reshape(steps, B, shards * chunk, *x_BL_.shape[2:])
+
+    @jax.checkpoint
+    def body(total, xs):
+        h_BCD, targets_BC, weights_BC = xs
+        ce = cross_entropy_sum(project_logits(h_BCD, head_VD, logits_scaling), targets_BC, weights_BC)
+        return total + ce, None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h_BLD), split(targets_BL), split(weights_BL)))
+    return total
+
+
 def loss_terms(model: GraniteModel, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """The unscaled terms of one (micro-)batch: `ce_sum`, `tokens`, `load_balancing_loss`, `router_z_loss`."""
+    """The unscaled terms of one (micro-)batch: `ce_sum`, `tokens`, `load_balancing_loss`, `router_z_loss`.
+
+    The logits are computed `model.config.logits_chunk_tokens` tokens at a time (`chunked_cross_entropy_sum`)."""
     tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
-    logits_BLV, aux = model(tokens_BL, segment_ids=segment_ids_BL, positions=batch["positions"], return_aux=True)
+    h_BLD, aux = model(tokens_BL, segment_ids=segment_ids_BL, positions=batch["positions"], return_aux=True,
+                       return_hidden=True)
     targets_BL, weights_BL = next_token_targets(tokens_BL, segment_ids_BL)
-    return {"ce_sum": cross_entropy_sum(logits_BLV, targets_BL, weights_BL), "tokens": jnp.sum(weights_BL),
+    ce_sum = chunked_cross_entropy_sum(h_BLD, *model.head(), targets_BL, weights_BL, model.config.logits_chunk_tokens)
+    return {"ce_sum": ce_sum, "tokens": jnp.sum(weights_BL),
             "load_balancing_loss": aux["load_balancing_loss"], "router_z_loss": aux["router_z_loss"]}
 
 

@@ -136,6 +136,57 @@ def test_context_size_and_bad_strategy():
         preset("debug-hybrid-dense", context_attention="tree")
 
 
+# The chunked training loss ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n, chunk", [(1, 8), (1, 64), (4, 4), (8, 2)])
+def test_chunked_cross_entropy_matches_full_logits(n, chunk):
+    """The loss computed a chunk of tokens per shard at a time (the [B,L,V] logits never whole) equals the loss of
+    the full logits, and so do the gradients of the hidden states and the head, with the sequence over `context`."""
+    from granite_jax.model import project_logits
+    from granite_jax.train_step import chunked_cross_entropy_sum, cross_entropy_sum, next_token_targets
+
+    rng = np.random.default_rng(n)
+    h, head = normal(rng, 2, L, 16), normal(rng, 96, 16)
+    tokens, seg = batch(96, seed=n)
+    targets, weights = next_token_targets(tokens, seg)
+    want = jax.value_and_grad(lambda h, w: cross_entropy_sum(project_logits(h, w, 2.0), targets, weights),
+                              argnums=(0, 1))(h, head)
+    mesh = context_mesh(n)
+    h, tokens, seg = (jax.device_put(x, NamedSharding(mesh, P(None, "context"))) for x in (h, tokens, seg))
+
+    def chunked(h, w, tokens, seg):
+        targets, weights = next_token_targets(tokens, seg)
+        return chunked_cross_entropy_sum(h, w, 2.0, targets, weights, chunk)
+
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(h, head, tokens, seg))
+        got = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(h, head, tokens, seg)
+    assert_close(got, want, tol=1e-5)
+    full_logits = f"[2,{L},96]"
+    assert (full_logits in jaxpr) == (chunk * n >= L)  # chunked: no [B, L, V] array anywhere, backward included
+    with pytest.raises(ValueError, match="logits_chunk_tokens=5 must divide"):
+        with jax.set_mesh(mesh):
+            chunked_cross_entropy_sum(h, head, 2.0, targets, weights, 5)
+
+
+def test_trainer_loss_with_logits_chunks_matches_unchunked():
+    """`train_step.loss_terms` honours `logits_chunk_tokens` (context=2: two 16-token chunks per shard)."""
+    from granite_jax.train_step import loss_terms
+
+    cfg, graphdef, params, _ = reference("debug-hybrid-moe")
+    tokens, seg = batch(cfg.vocab_size)
+    micro = {"tokens": tokens, "segment_ids": seg, "positions": None}
+    ce = lambda g, p, b: loss_terms(nnx.merge(g, p), b)["ce_sum"]  # noqa: E731
+    want = jax.jit(jax.value_and_grad(ce, argnums=1), static_argnums=0)(graphdef, params, micro)
+    mesh = context_mesh(2)
+    micro = {**jax.device_put(micro, NamedSharding(mesh, P(None, "context"))), "positions": None}
+    params = jax.device_put(params, NamedSharding(mesh, P()))
+    chunked = graphdef_of(cfg.replace(logits_chunk_tokens=16))
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.value_and_grad(ce, argnums=1), static_argnums=0)(chunked, params, micro)
+    assert_close(got, want)
+
+
 # The whole model -------------------------------------------------------------------------------------------------
 
 def batch(vocab, seed=0):

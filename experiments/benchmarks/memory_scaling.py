@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 from granite_jax import sharding  # noqa: E402
 from granite_jax.config import preset  # noqa: E402
 from granite_jax.model import GraniteModel  # noqa: E402
-from granite_jax.train_step import cross_entropy_sum, next_token_targets  # noqa: E402
+from granite_jax.train_step import chunked_cross_entropy_sum, next_token_targets  # noqa: E402
 
 GiB = 2 ** 30
 DOCS = os.path.join(os.path.dirname(__file__), "..", "..", "docs")
@@ -40,20 +40,21 @@ TABLE_BEGIN, TABLE_END = "<!-- memory-table:begin -->", "<!-- memory-table:end -
 
 
 def next_token_loss(model, tokens_BL, segment_ids_BL):
-    """The trainer's loss (granite_jax.train_step): targets are shifted, the [B,L,V] logits are never sliced (a
-    slice of length L-1 would not split over `context`)."""
+    """The trainer's loss (granite_jax.train_step): targets are shifted, the logits computed
+    `logits_chunk_tokens` tokens per shard at a time (0: the whole [B,L,V] at once)."""
     targets_BL, weights_BL = next_token_targets(tokens_BL, segment_ids_BL)
-    logits_BLV = model(tokens_BL, segment_ids=segment_ids_BL)
-    return cross_entropy_sum(logits_BLV, targets_BL, weights_BL) / jnp.maximum(jnp.sum(weights_BL), 1.0)
+    h_BLD = model(tokens_BL, segment_ids=segment_ids_BL, return_hidden=True)
+    ce = chunked_cross_entropy_sum(h_BLD, *model.head(), targets_BL, weights_BL, model.config.logits_chunk_tokens)
+    return ce / jnp.maximum(jnp.sum(weights_BL), 1.0)
 
 
 def compile_step(preset_name: str, length: int, topology: str, *, context_attention: str, remat: str,
-                 batch: int = 1):
+                 logits_chunk: int, batch: int = 1):
     """The compiled train step (a `jax.stages.Compiled`) for `topology`, mesh context = all its chips."""
     from jax.experimental import topologies
 
     cfg = preset(preset_name, dtype="bfloat16", remat=remat, ssd_impl="pallas_tpu",
-                 context_attention=context_attention)
+                 context_attention=context_attention, logits_chunk_tokens=logits_chunk)
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     mesh = sharding.make_mesh({"context": -1}, devices=devices)
     tx = optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)
@@ -120,7 +121,8 @@ def markdown(results: dict[str, dict[int, dict]], topology: str, kw: dict) -> st
     names = list(results)
     lengths = sorted({n for r in results.values() for n in r})
     lines = [f"Per-chip HBM of one training step on `{topology}` (mesh context = all chips, "
-             f"remat={kw['remat']}, context_attention={kw['context_attention']}), GiB:", "",
+             f"remat={kw['remat']}, context_attention={kw['context_attention']}, "
+             f"logits_chunk_tokens={kw['logits_chunk']}), GiB:", "",
              "| tokens | " + " | ".join(names) + (" | hybrid / dense |" if len(names) == 2 else " |"),
              "|---:|" + "---:|" * (len(names) + (len(names) == 2))]
     for n in lengths:
@@ -192,14 +194,16 @@ def main():
     ap.add_argument("--hbm-gib", type=float, default=95.0 * 1e9 / GiB, help="HBM per chip, for the plot")
     ap.add_argument("--context-attention", default="all_gather", choices=["all_gather", "ring"])
     ap.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    ap.add_argument("--logits-chunk", type=int, default=4096,
+                    help="train.logits_chunk_tokens: logits this many tokens per chip at a time (0 = all)")
     ap.add_argument("--results", default="/tmp/granite_memory_scaling.json",
                     help="JSON file the measurements accumulate in")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/long_context.md and the plot")
     args = ap.parse_args()
-    kw = dict(context_attention=args.context_attention, remat=args.remat)
+    kw = dict(context_attention=args.context_attention, remat=args.remat, logits_chunk=args.logits_chunk)
     # Results accumulate in a JSON file (one compile takes minutes on a small CPU host): rerunning skips what is there.
     saved = json.load(open(args.results)) if os.path.exists(args.results) else {}
-    key = f"{args.topology}|{args.context_attention}|{args.remat}"
+    key = f"{args.topology}|{args.context_attention}|{args.remat}|{args.logits_chunk}"
     results = {name: {int(n): r for n, r in saved.get(key, {}).get(name, {}).items()} for name in args.presets}
     for n in args.lengths:
         for name in args.presets:
