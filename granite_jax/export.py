@@ -49,12 +49,18 @@ def read_meta(workdir: str, step: int) -> dict:
 
 
 class CheckpointReader:
-    """Reads slices of the parameters of one checkpoint step from disk (no devices, no mesh)."""
+    """Reads slices of the parameters of one checkpoint step from disk (no devices, no mesh).
 
-    def __init__(self, params_dir: str):
+    `order`: the (path, index) reads to come, in order; each read then starts the next one, so tensorstore decodes
+    it while the caller converts and writes this one (one slice ahead: memory stays about two slices)."""
+
+    def __init__(self, params_dir: str, order: list[tuple[tuple, tuple]] = ()):
         import tensorstore as ts
 
         self._ts, self._base, self._open = ts, "file://" + os.path.abspath(params_dir), {}
+        self._order = list(order)
+        self._position = {_read_key(*o): i for i, o in enumerate(self._order)}
+        self._pending = {}
 
     def _array(self, name: str):
         if name not in self._open:
@@ -66,8 +72,27 @@ class CheckpointReader:
                                   f"{str(e).splitlines()[0][:300]}") from e
         return self._open[name]
 
+    def _read(self, path: tuple, index: tuple):
+        return self._array(".".join(map(str, path)))[index].read()
+
     def __call__(self, path: tuple, index: tuple) -> np.ndarray:
-        return np.asarray(self._array(".".join(map(str, path)))[index].read().result())
+        key = _read_key(path, index)
+        future = self._pending.pop(key, None) or self._read(path, index)
+        following = self._position.get(key, len(self._order)) + 1
+        if following < len(self._order) and _read_key(*self._order[following]) not in self._pending:
+            self._pending[_read_key(*self._order[following])] = self._read(*self._order[following])
+        return np.asarray(future.result())
+
+
+def _read_key(path: tuple, index: tuple) -> str:
+    return repr((path, index))  # slices are not hashable before Python 3.12
+
+
+def _count_nonfinite(t: np.ndarray) -> int:
+    """NaN/inf count; bfloat16 by its exponent bits (numpy's isfinite is slow on that extension type)."""
+    if t.dtype.name == "bfloat16":
+        return int(np.count_nonzero((t.view(np.uint16) & 0x7F80) == 0x7F80))
+    return int(t.size - np.count_nonzero(np.isfinite(t)))
 
 
 def _tokenizer_source(meta: dict, override: str | None) -> str | None:
@@ -177,15 +202,17 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
     tok_source = _tokenizer_source(meta, tokenizer)
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))  # shapes and the table only
-    reader = CheckpointReader(os.path.join(workdir, CHECKPOINT_DIR, str(step), "params"))
+    specs = hf.tensor_specs(model)
+    reader = CheckpointReader(os.path.join(workdir, CHECKPOINT_DIR, str(step), "params"),
+                              order=[(piece.path, piece.index) for spec in specs for piece in spec.pieces])
     _return_large_buffers_to_the_os()
-    bar = tqdm(total=len(hf.tensor_specs(model)), unit="tensor", desc=f"export step {step}", disable=not progress)
+    bar = tqdm(total=len(specs), unit="tensor", desc=f"export step {step}", disable=not progress)
 
     def check(name: str, t: np.ndarray) -> None:
         bar.set_postfix_str(name, refresh=False)
         bar.update(1)
-        if not allow_nonfinite and not np.isfinite(t).all():
-            bad = int(np.size(t) - np.isfinite(t).sum())
+        bad = 0 if allow_nonfinite else _count_nonfinite(t)
+        if bad:
             raise ExportError(f"tensor {name} of step {step} has {bad} non-finite values ({dtype}); export an "
                               f"earlier step (--step, found {steps}) or pass --allow-nonfinite")
 
