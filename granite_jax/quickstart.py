@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "quickstart.py")
@@ -40,13 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if code:
         return code
 
-    from granite_jax import hf
-    from granite_jax.checkpoint import restore_model
+    from granite_jax import export
 
-    out = os.path.join(args.workdir, "hf")
-    hf.save_pretrained(restore_model(args.workdir), out)
-    tokenizer = os.path.join(args.data, "tokenizer.json")
-    if os.path.exists(tokenizer):
-        shutil.copy(tokenizer, os.path.join(out, "tokenizer.json"))
-    print(f"exported the trained model to {out} (granite_jax.hf.from_pretrained or transformers can load it)")
+    # `granite-jax export` (config, generation config, safetensors, the demo tokenizer), float32: the small model
+    # exactly as trained.
+    out = export.export(args.workdir, os.path.join(args.workdir, "hf"), dtype="float32", overwrite=True,
+                        tokenizer=args.data if os.path.exists(os.path.join(args.data, "tokenizer.json")) else None)
+    print(f"exported the trained model to {out} (granite_jax.hf.from_pretrained or transformers can load it; "
+          f"`granite-jax export {args.workdir} --out DIR` does the same for any step)")
     return 0

@@ -246,7 +246,8 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
     def finish(entry) -> int:
         nonlocal last_done
         done_step, m, data_wait, n_tokens, ev = entry
-        m = {k: v.item() for k, v in jax.device_get(m).items()}
+        m = {k: (v.item() if v.ndim == 0 else [[round(float(x), 5) for x in row] for row in v] if v.ndim == 2
+                 else [round(float(x), 4) for x in v]) for k, v in jax.device_get(m).items()}
         ev = {k: v.item() for k, v in jax.device_get(ev).items()} if ev else {}
         now = time.perf_counter()
         step_time, last_done = now - last_done, now
@@ -263,7 +264,8 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
                 "router_z_loss": m["router_z_loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
                 "tokens_per_s": tps, "tokens_per_s_per_device": tps / jax.device_count(), "step_time_s": step_time,
                 "data_wait_s": data_wait, "mfu": flops.mfu(tps / jax.device_count(), flops_per_token, peak),
-                "skipped_updates": m["nonfinite_total"], "target_tokens": m["tokens"], **ev})
+                "skipped_updates": m["nonfinite_total"], "target_tokens": m["tokens"],
+                **{k: v for k, v in m.items() if k.startswith("expert_")}, **ev})
         return 0
 
     try:

@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from granite_jax import optim, sharding
+from granite_jax import moe, optim, sharding
 from granite_jax.context_parallel import context_size
 from granite_jax.model import GraniteModel, project_logits
 
@@ -81,7 +81,8 @@ def chunked_cross_entropy_sum(h_BLD, head_VD, logits_scaling: float, targets_BL,
 
 
 def loss_terms(model: GraniteModel, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """The unscaled terms of one (micro-)batch: `ce_sum`, `tokens`, `load_balancing_loss`, `router_z_loss`.
+    """The unscaled terms of one (micro-)batch: `ce_sum`, `tokens`, `load_balancing_loss`, `router_z_loss`, and
+    `expert_load` ([moe_layers, E] share of the routed slots per expert; [0, 0] without experts).
 
     The logits are computed `model.config.logits_chunk_tokens` tokens at a time (`chunked_cross_entropy_sum`)."""
     tokens_BL, segment_ids_BL = batch["tokens"], batch["segment_ids"]
@@ -89,8 +90,8 @@ def loss_terms(model: GraniteModel, batch: Mapping[str, jax.Array]) -> dict[str,
                        return_hidden=True)
     targets_BL, weights_BL = next_token_targets(tokens_BL, segment_ids_BL)
     ce_sum = chunked_cross_entropy_sum(h_BLD, *model.head(), targets_BL, weights_BL, model.config.logits_chunk_tokens)
-    return {"ce_sum": ce_sum, "tokens": jnp.sum(weights_BL),
-            "load_balancing_loss": aux["load_balancing_loss"], "router_z_loss": aux["router_z_loss"]}
+    return {"ce_sum": ce_sum, "tokens": jnp.sum(weights_BL), "load_balancing_loss": aux["load_balancing_loss"],
+            "router_z_loss": aux["router_z_loss"], "expert_load": aux["expert_load"]}
 
 
 def _replicated(mesh, tree):
@@ -115,7 +116,9 @@ def make_train_step(graphdef, mesh, *, grad_accum_steps: int = 1, schedule: Call
     params and optimizer untouched (the step counter still advances) and is counted.
 
     metrics (replicated float32/int32 scalars): loss, ce_loss, load_balancing_loss, router_z_loss, grad_norm, lr,
-    tokens (counted targets), finite, nonfinite_total, nonfinite_streak.
+    tokens (counted targets), finite, nonfinite_total, nonfinite_streak; with experts also expert_load
+    [moe_layers, E], expert_max_over_mean [moe_layers] and their worst layer, expert_max_over_mean_worst and
+    expert_unused_fraction_worst (`moe.expert_load_metrics`).
     """
     k = int(grad_accum_steps)
 
@@ -162,6 +165,11 @@ def make_train_step(graphdef, mesh, *, grad_accum_steps: int = 1, schedule: Call
             "nonfinite_total": new_state["nonfinite_total"],
             "nonfinite_streak": new_state["nonfinite_streak"],
         }
+        if cfg.has_experts:  # per-layer expert load (averaged over micro-batches) and its worst layer
+            load = moe.expert_load_metrics(terms["expert_load"] / k)
+            metrics.update({"expert_load": load["expert_load"], "expert_max_over_mean": load["max_over_mean"],
+                            "expert_max_over_mean_worst": load["max_over_mean_worst"],
+                            "expert_unused_fraction_worst": load["unused_fraction_worst"]})
         return new_state, metrics
 
     shardings = state_shardings(abstract_state, mesh)

@@ -123,3 +123,17 @@ def test_restore_model_returns_the_trained_parameters(uninterrupted):
     assert logits.shape == (1, 8, 256) and bool(np.isfinite(np.asarray(logits)).all())
     with pytest.raises(FileNotFoundError, match="step 3"):
         restore_model(str(uninterrupted), step=3)
+
+
+def test_expert_load_is_logged_every_logged_step(uninterrupted):
+    """metrics.jsonl carries the per-layer expert load (share of routed slots per expert) and its imbalance."""
+    from granite_jax.config import preset
+
+    experts = preset("debug-hybrid-moe").num_local_experts
+    for record in metric_lines(uninterrupted):
+        load = np.asarray(record["expert_load"])
+        assert load.shape == (2, experts)  # both layers of the tiny model have experts
+        np.testing.assert_allclose(load.sum(axis=-1), 1.0, atol=1e-3)
+        np.testing.assert_allclose(record["expert_max_over_mean"], load.max(axis=-1) * experts, rtol=1e-3)
+        assert record["expert_max_over_mean_worst"] == pytest.approx(load.max() * experts, rel=1e-3)
+        assert record["expert_unused_fraction_worst"] == pytest.approx(np.mean(load <= 0, axis=-1).max())

@@ -3,6 +3,7 @@ same config, same batch, forward + backward + AdamW, side by side in one run.
 
     python experiments/benchmarks/train_bench.py                      # bench-hybrid-20m, batch 4 x 256
     python experiments/benchmarks/train_bench.py --preset debug-hybrid-moe --batch 8 --seq-len 128 --steps 5
+    python experiments/benchmarks/train_bench.py --config experiments/quickstart.py   # its model, batch and length
 
 Ours is the real `granite-jax train` step (`train_step.make_train_step`: loss with the MoE aux losses, global-norm
 clipping, AdamW) on one CPU device in float32; PyTorch runs `loss.backward()` and `torch.optim.AdamW.step()` with
@@ -81,11 +82,19 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--config", default=None,
+                        help="a run config (experiments/*.py): its model, train.batch_size and train.seq_len")
     args = parser.parse_args()
 
     from granite_jax.config import param_count, preset
 
     cfg = preset(args.preset, dtype="float32", param_dtype="float32")
+    if args.config:
+        from granite_jax import train
+
+        run = train.load_config(args.config)
+        cfg = train.model_config(run).replace(dtype="float32", param_dtype="float32")
+        args.preset, args.batch, args.seq_len = os.path.basename(args.config), run.train.batch_size, run.train.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len)).astype(np.int32)
     total, active = param_count(cfg)
     print(f"{args.preset}: {total / 1e6:.1f}M parameters ({active / 1e6:.1f}M active), batch {args.batch} x "
