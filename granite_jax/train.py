@@ -10,9 +10,9 @@ The config file defines `get_config()` returning an ml_collections ConfigDict (s
     schedule    `granite_jax.optim.default_schedule_config()` keys
     train       steps, batch_size (global rows per update), seq_len, seed, log_every_steps, grad_accum_steps,
                 remat, param_dtype, compute_dtype, logits_chunk_tokens (the loss computes the logits that many
-                tokens per sequence shard at a time; 0 = all), nonfinite_max_consecutive, data_feed ("process": each process
-                reads its own document shard; "global": every process reads the global batch stream and keeps its
-                rows, so the data order and losses do not depend on the number of processes)
+                tokens per sequence shard at a time; 0 = all), nonfinite_max_consecutive, data_feed ("process":
+                each process reads its own document shard; "global": every process reads the global batch
+                stream and keeps its rows, so the data order and losses do not depend on the number of processes)
     checkpoint  every_steps, keep, async
     profile     start_step, num_steps (a jax.profiler trace to WORKDIR/profile; num_steps 0 = off)
 

@@ -1,6 +1,7 @@
-"""`checkpoint.save_model` writes what `restore_model` and export read; export streams: exporting a 665 MB checkpoint needs host memory on the order of its largest tensor (33.5 MB),
-not of the model. Peak resident memory of an export process is measured against the same process exporting a tiny
-model (imports, tensorstore and the writer cost the same in both)."""
+"""`checkpoint.save_model` writes what `restore_model` and export read. Export streams: exporting a 665 MB
+checkpoint needs host memory on the order of its largest tensor (33.5 MB), not of the model. Peak resident memory
+of an export process is measured against the same process exporting a tiny model (imports, tensorstore and the
+writer cost the same in both)."""
 
 import json
 import os
