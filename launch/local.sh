@@ -23,6 +23,7 @@ if [ ! -f "$DATA/manifest.json" ]; then
   "$PYTHON" -m granite_jax.cli prepare --demo --out "$DATA"
 fi
 mkdir -p "$WORKDIR"
+for ((i = 0; i < N; i++)); do : > "$WORKDIR/process_$i.log"; done  # exist before `tail` opens process 0's
 pids=()
 stop_all() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
 trap stop_all INT TERM
