@@ -21,8 +21,11 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.ssd import _kernel_common as kc
 
 LANES = 128
-_ROWS = ("cs", "dt", "doc")
-_COLS = ("cs", "doc", "r", "w")
+# Per-token scalars travel lane-dense, one row per quantity ([b,h,k,L]: L on the 128 lanes). A [b,h,L,k] column
+# layout would be padded from k to 128 lanes in HBM (32x-128x its size: gigabytes per layer at 128K tokens); the
+# kernel turns the rows it needs into columns in VMEM instead.
+_ROWS = ("cs", "dt", "doc", "r", "w")
+_DROWS = ("cs", "dt", "r", "w")
 _SEMANTICS = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
@@ -32,16 +35,29 @@ def _interpret_arg(interpret):
 
 
 def _pack(tok):
-    rows = jnp.stack([tok[k] for k in _ROWS], axis=2)  # [b,h,3,Lp]
-    cols = jnp.stack([tok[k] for k in _COLS], axis=3)  # [b,h,Lp,4]
-    return rows, cols
+    return jnp.stack([tok[k] for k in _ROWS], axis=2)  # [b,h,5,Lp]
 
 
-def _chunk_vectors(rows_ref, cols_ref):
-    rows, cols = rows_ref[...], cols_ref[...]
-    cs_r, dt_r, doc_r = (rows[i:i + 1, :] for i in range(3))
-    cs_c, doc_c, r_c, w_c = (cols[:, i:i + 1] for i in range(4))
-    return dict(cs_c=cs_c, cs_r=cs_r, dt_r=dt_r, doc_c=doc_c, doc_r=doc_r, r_c=r_c, w_c=w_c)
+def _diagonal(q):
+    return jax.lax.broadcasted_iota(jnp.int32, (q, q), 0) == jax.lax.broadcasted_iota(jnp.int32, (q, q), 1)
+
+
+def _column(row, diagonal):
+    """[1,Q] -> [Q,1] through the diagonal (a masked lane reduction: no relayout for Mosaic to support)."""
+    return jnp.sum(jnp.where(diagonal, row, 0.0), axis=1, keepdims=True)
+
+
+def _row(column, diagonal):
+    """[Q,1] -> [1,Q], the inverse of `_column`."""
+    return jnp.sum(jnp.where(diagonal, column, 0.0), axis=0, keepdims=True)
+
+
+def _chunk_vectors(rows_ref):
+    rows = rows_ref[...]
+    cs_r, dt_r, doc_r, r_r, w_r = (rows[i:i + 1, :] for i in range(len(_ROWS)))
+    diagonal = _diagonal(rows.shape[1])
+    return dict(cs_c=_column(cs_r, diagonal), cs_r=cs_r, dt_r=dt_r, doc_c=_column(doc_r, diagonal), doc_r=doc_r,
+                r_c=_column(r_r, diagonal), w_c=_column(w_r, diagonal)), diagonal
 
 
 def _specs(b, h, g, Lp, p, n, chunk, reverse=False):
@@ -57,15 +73,13 @@ def _specs(b, h, g, Lp, p, n, chunk, reverse=False):
         bc=pl.BlockSpec((sq, sq, chunk, n), lambda bi, hi, ci: (bi, jax.lax.div(hi, hpg), c_of(ci), 0)),
         bc_h=pl.BlockSpec((sq, sq, chunk, n), lambda bi, hi, ci: (bi, hi, c_of(ci), 0)),
         rows=pl.BlockSpec((sq, sq, len(_ROWS), chunk), lambda bi, hi, ci: (bi, hi, 0, c_of(ci))),
-        cols=pl.BlockSpec((sq, sq, chunk, len(_COLS)), lambda bi, hi, ci: (bi, hi, c_of(ci), 0)),
-        drows=pl.BlockSpec((sq, sq, 2, chunk), lambda bi, hi, ci: (bi, hi, 0, c_of(ci))),
-        dcols=pl.BlockSpec((sq, sq, chunk, 3), lambda bi, hi, ci: (bi, hi, c_of(ci), 0)),
+        drows=pl.BlockSpec((sq, sq, len(_DROWS), chunk), lambda bi, hi, ci: (bi, hi, 0, c_of(ci))),
         state=pl.BlockSpec((sq, sq, p, n), lambda bi, hi, ci: (bi, hi, 0, 0)),
         chunk_state=pl.BlockSpec((sq, sq, sq, p, n), lambda bi, hi, ci: (bi, hi, c_of(ci), 0, 0)),
     )
 
 
-def _forward_kernel(x_ref, b_ref, c_ref, rows_ref, cols_ref, init_ref, *refs, emit_states):
+def _forward_kernel(x_ref, b_ref, c_ref, rows_ref, init_ref, *refs, emit_states):
     if emit_states:
         states_ref, S_scr = refs
     else:
@@ -77,7 +91,7 @@ def _forward_kernel(x_ref, b_ref, c_ref, rows_ref, cols_ref, init_ref, *refs, em
         S_scr[...] = init_ref[...]
 
     S_in = S_scr[...]
-    v = _chunk_vectors(rows_ref, cols_ref)
+    v, _ = _chunk_vectors(rows_ref)
     y, S_out = kc.chunk_forward(x_ref[...], b_ref[...], c_ref[...], v["cs_c"], v["cs_r"], v["dt_r"], v["doc_c"],
                                 v["doc_r"], v["r_c"], v["w_c"], S_in)
     S_scr[...] = S_out
@@ -96,7 +110,7 @@ def _forward_call(x, B, C, tok, init, chunk, interpret, emit_states):
     g, n = B.shape[1], B.shape[3]
     nc = Lp // chunk
     s = _specs(b, h, g, Lp, p, n, chunk)
-    rows, cols = _pack(tok)
+    rows = _pack(tok)
     if emit_states:
         out_shape = jax.ShapeDtypeStruct((b, h, nc, p, n), jnp.float32)
         out_specs = s["chunk_state"]
@@ -106,14 +120,14 @@ def _forward_call(x, B, C, tok, init, chunk, interpret, emit_states):
     return pl.pallas_call(
         functools.partial(_forward_kernel, emit_states=emit_states),
         grid=(b, h, nc),
-        in_specs=[s["x"], s["bc"], s["bc"], s["rows"], s["cols"], s["state"]],
+        in_specs=[s["x"], s["bc"], s["bc"], s["rows"], s["state"]],
         out_specs=out_specs,
         out_shape=out_shape,
         scratch_shapes=[pltpu.VMEM((p, n), jnp.float32)],
         compiler_params=_SEMANTICS,
         interpret=_interpret_arg(interpret),
         name="ssd_states_tpu" if emit_states else "ssd_forward_tpu",
-    )(x, B, C, rows, cols, init)
+    )(x, B, C, rows, init)
 
 
 def _forward(x, B, C, tok, init, chunk, interpret):
@@ -124,26 +138,25 @@ def _states(x, B, C, tok, init, chunk, interpret):
     return _forward_call(x, B, C, tok, init, chunk, interpret, emit_states=True)
 
 
-def _backward_kernel(x_ref, b_ref, c_ref, rows_ref, cols_ref, s_ref, dy_ref, dfinal_ref,
-                     dx_ref, db_ref, dc_ref, drows_ref, dcols_ref, dinit_ref, dS_scr):
+def _backward_kernel(x_ref, b_ref, c_ref, rows_ref, s_ref, dy_ref, dfinal_ref,
+                     dx_ref, db_ref, dc_ref, drows_ref, dinit_ref, dS_scr):
     ci = pl.program_id(2)  # ci = 0 is the last chunk
 
     @pl.when(ci == 0)
     def _():
         dS_scr[...] = dfinal_ref[...]
 
-    v = _chunk_vectors(rows_ref, cols_ref)
+    v, diagonal = _chunk_vectors(rows_ref)
     dx, dB, dC, dS_in, dcs_c, dcs_r, ddt_r, dr_c, dw_c = kc.chunk_backward(
         x_ref[...], b_ref[...], c_ref[...], v["cs_c"], v["cs_r"], v["dt_r"], v["doc_c"], v["doc_r"], v["r_c"],
         v["w_c"], s_ref[...], dy_ref[...], dS_scr[...])
     dx_ref[...] = dx.astype(dx_ref.dtype)
     db_ref[...] = dB
     dc_ref[...] = dC
-    drows_ref[0:1, :] = dcs_r
+    drows_ref[0:1, :] = dcs_r + _row(dcs_c, diagonal)
     drows_ref[1:2, :] = ddt_r
-    dcols_ref[:, 0:1] = dcs_c
-    dcols_ref[:, 1:2] = dr_c
-    dcols_ref[:, 2:3] = dw_c
+    drows_ref[2:3, :] = _row(dr_c, diagonal)
+    drows_ref[3:4, :] = _row(dw_c, diagonal)
     dS_scr[...] = dS_in
 
     @pl.when(ci == pl.num_programs(2) - 1)
@@ -156,22 +169,22 @@ def _backward(x, B, C, tok, S_in, dy, dfinal, chunk, interpret):
     g, n = B.shape[1], B.shape[3]
     nc = Lp // chunk
     s = _specs(b, h, g, Lp, p, n, chunk, reverse=True)
-    rows, cols = _pack(tok)
+    rows = _pack(tok)
     f32 = jnp.float32
-    dx, dB, dC, drows, dcols, dinit = pl.pallas_call(
+    dx, dB, dC, drows, dinit = pl.pallas_call(
         _backward_kernel,
         grid=(b, h, nc),
-        in_specs=[s["x"], s["bc"], s["bc"], s["rows"], s["cols"], s["chunk_state"], s["x"], s["state"]],
-        out_specs=(s["x"], s["bc_h"], s["bc_h"], s["drows"], s["dcols"], s["state"]),
+        in_specs=[s["x"], s["bc"], s["bc"], s["rows"], s["chunk_state"], s["x"], s["state"]],
+        out_specs=(s["x"], s["bc_h"], s["bc_h"], s["drows"], s["state"]),
         out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, Lp, n), f32),
-                   jax.ShapeDtypeStruct((b, h, Lp, n), f32), jax.ShapeDtypeStruct((b, h, 2, Lp), f32),
-                   jax.ShapeDtypeStruct((b, h, Lp, 3), f32), jax.ShapeDtypeStruct((b, h, p, n), f32)),
+                   jax.ShapeDtypeStruct((b, h, Lp, n), f32), jax.ShapeDtypeStruct((b, h, len(_DROWS), Lp), f32),
+                   jax.ShapeDtypeStruct((b, h, p, n), f32)),
         scratch_shapes=[pltpu.VMEM((p, n), f32)],
         compiler_params=_SEMANTICS,
         interpret=_interpret_arg(interpret),
         name="ssd_backward_tpu",
-    )(x, B, C, rows, cols, S_in, dy, dfinal)
-    dtok = dict(cs=drows[:, :, 0] + dcols[..., 0], dt=drows[:, :, 1], r=dcols[..., 1], w=dcols[..., 2])
+    )(x, B, C, rows, S_in, dy, dfinal)
+    dtok = {k: drows[:, :, i] for i, k in enumerate(_DROWS)}
     return dx, dB, dC, dinit, dtok
 
 
