@@ -5,10 +5,8 @@
     granite-jax compile-check --config experiments/granite_4_0_h_350m.py:v5p-256 --topology v5p:4x4x8  # HBM, on CPU
     python experiments/recipes.py                  # the plan of every size on every cluster
 
-The argument after the colon names the cluster (default h100x64; h100x64, v5p-256, v5p-256x2): it sets the mesh.
-The recipe (experiments/recipes.py): the four Granite 4.0 data stages of 10T / 2T / 2T / 0.5T tokens at 4K
-(experiments/data/granite4_mixture.py; point $GRANITE_DATA at the prepared sources), Power scheduler decaying over
-the anneal stage, AdamW, bfloat16 compute. The long-context extension is a separate run. Parameters: FACTS.md §1.
+The argument after the colon names the cluster (default h100x64). Recipe (data stages, schedule,
+optimizer) and clusters: experiments/recipes.py. Parameters: FACTS.md §1.
 """
 
 import os

@@ -4,6 +4,11 @@ is laid out for, and the CPU ablation base. Each `experiments/*.py` is a short `
 A released-size config takes the cluster as its argument (`--config experiments/granite_4_0_h_tiny.py:v5p-256`);
 the cluster fixes the mesh (and `mesh.dcn`: which axes cross the slow network) and the processes the data recipe
 splits each batch over. `python experiments/recipes.py` prints every size's plan on every cluster.
+
+The recipe: the four Granite 4.0 data stages of 10T / 2T / 2T / 0.5T tokens at 4K
+(experiments/data/granite4_mixture.py; point $GRANITE_DATA at the prepared sources), the Power scheduler decaying
+over the anneal stage, AdamW, bfloat16 compute with float32 master weights, full remat. The long-context extension
+(32K-512K, mesh.context) is a separate run.
 """
 
 from __future__ import annotations

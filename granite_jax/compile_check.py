@@ -81,23 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="experiments/FILE.py (default: train.default_config())")
     parser.add_argument("--topology", required=True, help="TPU topology name, e.g. v5p:8x8x4, v5e:16x16, v6e:8x8")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    from granite_jax import train
+
+    overrides, rest = train.split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rest)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     # libtpu takes a machine-wide lock even when it only compiles; allow several checks (and tests) at once.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-    from granite_jax import train
-
     try:
-        if args.config:
-            cfg = train.load_config(args.config, overrides)
-        else:
-            cfg = train.default_config()
-            for item in overrides:
-                key, _, text = item.partition("=")
-                train._override(cfg, key, text)  # noqa: SLF001 - same parsing as `train`
+        cfg = train.load_config(args.config, overrides)
         result = compile_train_step(cfg, args.topology)
     except ValueError as e:
         print(f"granite-jax compile-check: {e}", file=sys.stderr)

@@ -151,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--topology", default="4x4x8", help="gke TPU: the slice topology node selector")
     g.add_argument("--image", default="REGISTRY/granite-jax:latest", help="gke: container image")
     g.add_argument("--max-restarts", type=int, default=3, help="gke: JobSet restarts (each resumes)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    from granite_jax.train import split_overrides
+
+    overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rest)
     for flag in ("nodes", "slices", "gpus_per_node"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")

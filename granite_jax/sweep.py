@@ -311,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     slurm.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                        help="an extra #SBATCH line, e.g. --sbatch-arg=--partition=gpu (repeatable)")
     slurm.add_argument("--setup", default="", help="shell line run before each point (e.g. 'source venv/bin/activate')")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-    args = parser.parse_args([a for a in argv if not a.startswith("--config.")])
+    from granite_jax.train import split_overrides
+
+    extra, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(rest)
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
     try:

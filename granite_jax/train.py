@@ -69,15 +69,34 @@ def default_config() -> ml_collections.ConfigDict:
 
 # Config loading and validation ---------------------------------------------------------------------------------
 
-def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
-    """Runs `get_config()` of the file at `path` (optional `path:ARG`) and applies `a.b=VALUE` overrides."""
-    path, _, arg = path.partition(":")
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path}: no such file")
-    spec = importlib.util.spec_from_file_location("granite_jax_run_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(arg) if arg else module.get_config()
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(overrides as `a.b=VALUE`, the other arguments) of a command line: `--config.a.b=VALUE` and
+    `--config.a.b VALUE` are overrides of the run config (every CLI that takes a config reads them this way)."""
+    overrides, rest, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config.") and "=" not in a and i + 1 < len(argv):
+            overrides.append(f"{a[len('--config.'):]}={argv[i + 1]}")
+            i += 2
+            continue
+        (overrides.append(a[len("--config."):]) if a.startswith("--config.") else rest.append(a))
+        i += 1
+    return overrides, rest
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> ml_collections.ConfigDict:
+    """Runs `get_config()` of the file at `path` (optional `path:ARG`; None: `default_config()`) and applies
+    `a.b=VALUE` overrides."""
+    if path is None:
+        cfg = default_config()
+    else:
+        path, _, arg = path.partition(":")
+        if not os.path.isfile(path):
+            raise ValueError(f"--config {path}: no such file")
+        spec = importlib.util.spec_from_file_location("granite_jax_run_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        cfg = module.get_config(arg) if arg else module.get_config()
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep:
@@ -320,16 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tensorboard/ go here")
     parser.add_argument("--no_progress", action="store_true", help="plain log lines instead of a progress bar")
     distributed.add_flags(parser)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides, rest, i = [], [], 0
-    while i < len(argv):
-        a = argv[i]
-        if a.startswith("--config.") and "=" not in a and i + 1 < len(argv):
-            overrides.append(f"{a[len('--config.'):]}={argv[i + 1]}")
-            i += 2
-            continue
-        (overrides.append(a[len("--config."):]) if a.startswith("--config.") else rest.append(a))
-        i += 1
+    overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
