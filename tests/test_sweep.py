@@ -33,7 +33,7 @@ def test_points_and_grid_are_named_and_overrides_ordered(tmp_path):
     assert spec.overrides(spec.points[1]) == ["train.steps=7", "model.num_experts_per_tok=1", "schedule.lr=0.003",
                                               "train.steps=9"]
     (tmp_path / "sub").mkdir()
-    rel = _write(tmp_path / "sub" / "r.py", "BASE = '../../" + os.path.relpath(ABLATION_BASE, tmp_path) + "'\n"
+    rel = _write(tmp_path / "sub" / "r.py", "BASE = '../" + os.path.relpath(ABLATION_BASE, tmp_path) + "'\n"
                  "POINTS = [('a', {}), ('b', {'model.position_embedding_type': 'rope'})]\n")
     assert sweep.load_sweep(rel).base == ABLATION_BASE
 
