@@ -2,6 +2,7 @@
 
     python experiments/benchmarks/compile_bench.py --preset granite-4.0-h-small --layers 10 20 40 --target cpu
     python experiments/benchmarks/compile_bench.py --preset granite-4.0-h-small --layers 10 20 40 --target v5p:2x2x1
+    python experiments/benchmarks/compile_bench.py --layers 10 --pattern mamba --seq-len 1024 --target v5p:2x2x2
 
 Shapes are abstract (`nnx.eval_shape`): nothing of the model is allocated. A TPU target compiles ahead of time with
 libtpu's compiler on this (CPU-only) machine; parameters are sharded FSDP over all chips of the topology.
@@ -10,6 +11,7 @@ libtpu's compiler on this (CPU-only) machine; parameters are sharded FSDP over a
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import time
 
@@ -29,10 +31,11 @@ def _layer_types(base: tuple[str, ...], n_layers: int) -> tuple[str, ...]:
 
 
 def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_len: int,
-                 remat: str = "full") -> tuple[float, float]:
-    """(lower seconds, compile seconds) of jit(value_and_grad(next-token loss)) for the preset cut to n_layers."""
-    cfg = preset(preset_name)
-    cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(cfg.layer_types, n_layers),
+                 remat: str = "full", pattern: tuple[str, ...] = (), fields: dict | None = None) -> tuple[float, float]:
+    """(lower seconds, compile seconds) of jit(value_and_grad(next-token loss)) for the preset cut to n_layers
+    (layer types repeating `pattern`, default the preset's own; `fields` replace ModelConfig fields)."""
+    cfg = preset(preset_name, **(fields or {}))
+    cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(pattern or cfg.layer_types, n_layers),
                       dtype="bfloat16", remat=remat)
     if target != "cpu":  # "auto" would pick this machine's (CPU) implementations
         cfg = cfg.replace(ssd_impl="pallas_tpu", moe_impl="ragged_dot")
@@ -77,14 +80,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, help="default: one row per device")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
+    parser.add_argument("--pattern", default="", help="layer types to repeat, e.g. 'mamba' or 'mamba,attention'")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a ModelConfig field, e.g. --set num_local_experts=0 (repeatable)")
     args = parser.parse_args()
+    fields = {k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.set)}
+    pattern = tuple(t for t in args.pattern.split(",") if t)
     print(f"{args.preset} forward+backward, seq {args.seq_len}, remat {args.remat}, target {args.target}, "
           f"jax {jax.__version__}")
     print(f"| layers | lower (s) | compile (s) | total (s) |\n|---|---|---|---|")
     for n in args.layers:
         n_dev = 1 if args.target == "cpu" else None
         batch = args.batch or (n_dev or _tpu_chips(args.target))
-        lower_s, compile_s = compile_time(args.preset, n, args.target, batch, args.seq_len, args.remat)
+        lower_s, compile_s = compile_time(args.preset, n, args.target, batch, args.seq_len, args.remat, pattern,
+                                          fields)
         print(f"| {n} | {lower_s:.1f} | {compile_s:.1f} | {lower_s + compile_s:.1f} |", flush=True)
 
 
