@@ -22,7 +22,7 @@ _LAYER_TYPE_ALIASES = {
 }
 _DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
-MOE_IMPLS = ("auto", "ragged_dot", "dense")
+MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 CONTEXT_ATTENTION = ("all_gather", "ring")
 # How routed tokens reach their experts (docs/moe.md): "auto" = all-to-all expert parallelism when the mesh shards the
 # experts (ragged on TPU/GPU, padded on CPU), "local" = every device runs the grouped matmul on its own tokens.

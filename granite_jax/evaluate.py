@@ -98,7 +98,7 @@ def make_eval_step(graphdef, mesh, *, abstract_state: dict) -> Callable:
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from granite_jax import sharding, train_step
+    from granite_jax import sharding, train_step, xla_options
 
     def step(params, opt, batch):
         model, _ = nnx.merge(graphdef, nnx.State({0: params, 1: opt}))
@@ -110,7 +110,7 @@ def make_eval_step(graphdef, mesh, *, abstract_state: dict) -> Callable:
     replicated = NamedSharding(mesh, P())
     jitted = jax.jit(step, in_shardings=(shardings["params"], shardings["opt"],
                                          {k: batch_sharding for k in ("tokens", "segment_ids", "positions")}),
-                     out_shardings=(replicated, replicated))
+                     out_shardings=(replicated, replicated), compiler_options=xla_options.for_mesh(mesh))
 
     def run(state, batch):
         with jax.set_mesh(mesh):

@@ -1,9 +1,10 @@
 """Fine-grained mixture of experts: float32 top-k router and a dropless grouped SwiGLU over the routed experts.
 
 The grouped matmul is pluggable (`EXPERT_FFNS`): `ragged_dot` sorts the (token, expert) pairs by expert and runs
-`jax.lax.ragged_dot` (the primitive TPUs and GPUs want); `dense` runs every expert on every token and weights the
-outputs by the (mostly zero) combine weights, which is exact and, on CPU, faster while experts/top-k stays below the
-measured ragged_dot slowdown (see docs/benchmarks.md). Neither drops a token.
+`jax.lax.ragged_dot` (the primitive TPUs and GPUs want); `blocked` sorts them the same way into fixed-size row blocks
+of one expert each and runs one batched matmul over the blocks (the CPU path: XLA:CPU's ragged_dot is slow, FACTS.md
+§4); `dense` runs every expert on every token and weights the outputs by the (mostly zero) combine weights. None drops
+a token; docs/moe.md has the measurements behind `auto`.
 
 When the mesh set with `jax.set_mesh` shards the experts over the `expert` axis, the routed tokens are dispatched to
 the devices holding their experts with all-to-all collectives (`granite_jax.expert_parallel`, docs/moe.md); the router
@@ -20,9 +21,6 @@ from granite_jax import expert_parallel
 from granite_jax.mlp import swiglu
 from granite_jax.params import normal, param
 
-# On CPU, ragged_dot (forward+backward) measured about this many times slower than a batched matmul of equal FLOPs;
-# "auto" runs all experts densely while that costs fewer FLOPs than the slowdown.
-CPU_RAGGED_DOT_SLOWDOWN = 16.0
 
 
 def dense_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
@@ -47,17 +45,51 @@ def ragged_dot_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     return jnp.zeros((T, D), out_SD.dtype).at[token_S].add(out_SD)
 
 
-EXPERT_FFNS = {"dense": dense_experts, "ragged_dot": ragged_dot_experts}
+def block_rows(slots: int, num_experts: int) -> int:
+    """Rows per block of `blocked_experts`: half the mean rows per expert as a power of two, within [8, 128]. Each
+    expert pads its rows to whole blocks, so small blocks waste less and large ones run faster matmuls."""
+    mean = max(slots // num_experts, 1)
+    return int(min(128, max(8, (1 << (mean - 1).bit_length()) // 2)))
 
 
-def resolve_moe_impl(impl: str, num_experts: int, top_k: int) -> str:
-    """The grouped matmul for `num_experts` experts of which each row visits `top_k` (1 after expert-parallel
-    dispatch, where each received row is one (token, expert) pair)."""
+def blocked_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
+    """(token, expert) slots sorted by expert into blocks of `block_rows` rows, each block one expert's (zero-padded
+    at the end of each expert's rows), one batched matmul per projection over all blocks with each block's expert
+    weights: dropless, about the routed FLOPs plus the padding. Slots whose expert id is E (expert-parallel padding
+    rows) belong to no block and give zeros."""
+    T, K = top_idx_TK.shape
+    E, D, _, F = w_in_ED2F.shape
+    S = T * K
+    bk = block_rows(S, E)
+    n_blocks = -(-(S + E * (bk - 1)) // bk)  # the most blocks any routing can need
+    R = n_blocks * bk
+    expert_S = top_idx_TK.reshape(-1)
+    order_S = jnp.argsort(expert_S, stable=True)
+    token_S, expert_s = order_S // K, expert_S[order_S]
+    rows_E = jnp.bincount(expert_S, length=E)
+    padded_E = (rows_E + bk - 1) // bk * bk
+    pad_end_E = jnp.cumsum(padded_E)
+    shift_E = pad_end_E - padded_E - (jnp.cumsum(rows_E) - rows_E)  # padded start minus unpadded start
+    real_S = expert_s < E
+    row_S = jnp.where(real_S, jnp.arange(S) + shift_E[jnp.minimum(expert_s, E - 1)], R)  # R: dropped, reads 0
+    x_RD = jnp.zeros((R, D), x_TD.dtype).at[row_S].set(x_TD[token_S], mode="drop")
+    expert_N = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(n_blocks) * bk, side="right"), E - 1)
+    x_NBD = x_RD.reshape(n_blocks, bk, D)
+    h_NB2F = jnp.einsum("nbd,ndf->nbf", x_NBD, w_in_ED2F.reshape(E, D, 2 * F)[expert_N]).reshape(n_blocks, bk, 2, F)
+    y_RD = jnp.einsum("nbf,nfd->nbd", swiglu(h_NB2F), w_out_EFD[expert_N]).reshape(R, D)
+    y_SD = y_RD.at[row_S].get(mode="fill", fill_value=0)
+    y_SD = y_SD * top_w_TK.reshape(-1)[order_S][:, None].astype(y_SD.dtype)
+    return jnp.zeros((T, D), y_SD.dtype).at[token_S].add(y_SD)
+
+
+EXPERT_FFNS = {"dense": dense_experts, "ragged_dot": ragged_dot_experts, "blocked": blocked_experts}
+
+
+def resolve_moe_impl(impl: str) -> str:
+    """The grouped matmul `impl` names; "auto" is `blocked` on CPU, `ragged_dot` on TPU and GPU."""
     if impl != "auto":
         return impl
-    if jax.default_backend() == "cpu" and num_experts / top_k < CPU_RAGGED_DOT_SLOWDOWN:
-        return "dense"
-    return "ragged_dot"
+    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
 
 
 class MoE(nnx.Module):
@@ -74,8 +106,7 @@ class MoE(nnx.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *, init_std: float, impl: str,
                  param_dtype, dtype, rngs: nnx.Rngs, dispatch: str = "auto"):
         self.top_k, self.dtype, self.dispatch = top_k, dtype, dispatch
-        self.requested_impl = impl
-        self.impl = resolve_moe_impl(impl, num_experts, top_k)
+        self.impl = resolve_moe_impl(impl)
         self.router = param(rngs, normal(init_std), (hidden, num_experts), ("embed", "experts"), param_dtype)
         self.input_linear = param(rngs, normal(init_std), (num_experts, hidden, 2, ffn), self.W_IN_AXES, param_dtype)
         self.output_linear = param(rngs, normal(init_std), (num_experts, ffn, hidden), self.W_OUT_AXES, param_dtype)
@@ -94,8 +125,7 @@ class MoE(nnx.Module):
         if plan is None:
             y_TD = EXPERT_FFNS[self.impl](x_TD.astype(self.dtype), w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK)
         else:
-            local_experts = w_in_ED2F.shape[0] // plan.ep
-            ffn = EXPERT_FFNS[resolve_moe_impl(self.requested_impl, local_experts, 1)]
+            ffn = EXPERT_FFNS[self.impl]
             y_TD = expert_parallel.expert_parallel_ffn(x_TD.astype(self.dtype), top_idx_TK, top_w_TK, w_in_ED2F,
                                                        w_out_EFD, plan=plan, ffn=ffn)
         return y_TD.reshape(B, L, D), router_stats(logits_TE, top_idx_TK, token_mask_BL.reshape(-1))

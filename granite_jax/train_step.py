@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from granite_jax import moe, optim, sharding
+from granite_jax import moe, optim, sharding, xla_options
 from granite_jax.context_parallel import context_size
 from granite_jax.model import GraniteModel, project_logits
 
@@ -176,7 +176,8 @@ def make_train_step(graphdef, mesh, *, grad_accum_steps: int = 1, schedule: Call
     batch_sharding = NamedSharding(mesh, sharding.logical_to_spec(sharding.batch_names(2), mesh))
     batch_shardings = {key: batch_sharding for key in ("tokens", "segment_ids", "positions")}
     jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings),
-                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,) if donate else ())
+                     out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,) if donate else (),
+                     compiler_options=xla_options.for_mesh(mesh))
 
     def run(state, batch):
         with jax.set_mesh(mesh):

@@ -8,6 +8,7 @@ from flax import nnx
 
 from granite_jax.config import preset
 from granite_jax.model import GraniteModel, layer_pattern, segment_positions
+from granite_jax.moe import blocked_experts
 
 
 def _rel_err(a, b):
@@ -80,19 +81,47 @@ def test_padding_tokens_do_not_count_in_aux(moe_model):
     np.testing.assert_allclose(aux_packed["load_balancing_loss"], aux_alone["load_balancing_loss"], rtol=1e-5)
 
 
-def test_moe_impls_agree():
+@pytest.mark.parametrize("impl", ["ragged_dot", "blocked"])
+def test_moe_impls_agree(impl):
     cfg = preset("debug-hybrid-moe")
     ids = jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size)
     dense = GraniteModel(cfg.replace(moe_impl="dense"), rngs=nnx.Rngs(3))
-    ragged = GraniteModel(cfg.replace(moe_impl="ragged_dot"), rngs=nnx.Rngs(3))
-    assert _rel_err(ragged(ids), dense(ids)) <= 1e-5
+    other = GraniteModel(cfg.replace(moe_impl=impl), rngs=nnx.Rngs(3))
+    assert _rel_err(other(ids), dense(ids)) <= 1e-5
 
     def loss(m):
         return jnp.mean(m(ids) ** 2)
 
-    g_dense, g_ragged = nnx.grad(loss)(dense), nnx.grad(loss)(ragged)
-    for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_ragged)):
+    g_dense, g_other = nnx.grad(loss)(dense), nnx.grad(loss)(other)
+    for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_other)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(40, 4, 2), (300, 6, 1), (7, 16, 3)])
+def test_blocked_experts_exact_with_skew_and_padding_rows(tokens, experts, top_k):
+    """Every routing the blocks must hold without dropping: all slots on one expert, uneven groups, empty experts,
+    and rows with expert id E (expert-parallel padding), which must come out zero. Reference: a per-slot loop."""
+    rng = np.random.default_rng(tokens)
+    D, F = 8, 6
+    x = rng.normal(size=(tokens, D)).astype(np.float32)
+    w_in = rng.normal(size=(experts, D, 2, F)).astype(np.float32)
+    w_out = rng.normal(size=(experts, F, D)).astype(np.float32)
+    w = rng.random((tokens, top_k)).astype(np.float32)
+    routings = [np.zeros((tokens, top_k), np.int64) + np.arange(top_k) % experts,  # as skewed as top-k allows
+                np.stack([rng.permutation(experts)[:top_k] for _ in range(tokens)])]
+    padded = routings[1].copy()
+    padded[::3, 0] = experts  # no expert
+    for idx in (*routings, padded):
+        want = np.zeros((tokens, D), np.float64)
+        for t in range(tokens):
+            for k in range(top_k):
+                e = idx[t, k]
+                if e < experts:
+                    h = x[t].astype(np.float64) @ w_in[e].reshape(D, 2 * F)
+                    gate, up = h[:F], h[F:]
+                    want[t] += w[t, k] * ((gate / (1 + np.exp(-gate)) * up) @ w_out[e])
+        got = blocked_experts(*map(jnp.asarray, (x, w_in, w_out, idx.astype(np.int32), w)))
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
 
 
 def test_every_parameter_has_logical_axes(moe_model):

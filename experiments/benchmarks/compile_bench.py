@@ -37,8 +37,8 @@ def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_l
     cfg = preset(preset_name, **(fields or {}))
     cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(pattern or cfg.layer_types, n_layers),
                       dtype="bfloat16", remat=remat)
-    if target != "cpu":  # "auto" would pick this machine's (CPU) implementations
-        cfg = cfg.replace(ssd_impl="pallas_tpu", moe_impl="ragged_dot")
+    if target != "cpu":  # "auto" would pick this machine's (CPU) implementations; --set may choose others
+        cfg = cfg.replace(**{"ssd_impl": "pallas_tpu", "moe_impl": "ragged_dot", **(fields or {})})
     abstract = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 

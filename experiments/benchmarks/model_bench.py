@@ -3,12 +3,14 @@ granite-jax vs transformers' PyTorch GraniteMoeHybridForCausalLM on the same wei
 
     python experiments/benchmarks/model_bench.py [--preset bench-hybrid-20m] [--seq-len 1024] [--batch 1] [--iters 5]
 
-Both compute the mean next-token cross-entropy and its gradient with respect to every parameter, in float32.
+Both compute the mean next-token cross-entropy and its gradient with respect to every parameter, in float32. Ours is
+compiled with the XLA options the framework's own steps use (`granite_jax.xla_options`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import tempfile
 import time
@@ -22,7 +24,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from granite_jax import hf  # noqa: E402
+from granite_jax import hf, xla_options  # noqa: E402
 from granite_jax.config import param_count, preset  # noqa: E402
 
 
@@ -54,7 +56,7 @@ def main() -> None:
     # granite-jax: jit(value_and_grad) over all parameters.
     graphdef, state = nnx.split(ours)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=xla_options.compiler_options(jax.default_backend()))
     def jax_step(state, ids):
         def loss_fn(state):
             logits = nnx.merge(graphdef, state)(ids)

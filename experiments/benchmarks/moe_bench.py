@@ -4,6 +4,7 @@
     python experiments/benchmarks/moe_bench.py --flops    # GPU/TPU: routed-expert FFN TFLOP/s vs a dense matmul of
                                                           # equal FLOPs at Granite's shapes (add --smoke on CPU)
     python experiments/benchmarks/moe_bench.py --volume   # all-to-all bytes per layer, h-small / h-tiny on v5p-256
+    python experiments/benchmarks/moe_bench.py --grouped  # CPU: the grouped matmuls (moe_impl) on one device (~1 min)
 
 Default mode: one MoE layer (router, top-k, routed experts; the shared MLP is not part of it) at scaled-down Granite
 ratios (64 experts top-6 like h-tiny, 72 top-10 like h-small), forward+backward w.r.t. weights and input, jitted, the
@@ -20,7 +21,7 @@ import statistics
 import sys
 import time
 
-if "--flops" not in sys.argv and "--volume" not in sys.argv:
+if not {"--flops", "--volume", "--grouped"} & set(sys.argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
@@ -125,6 +126,32 @@ def flops_table(args):
                   f"{frac:>8}", flush=True)
 
 
+def grouped_table(args):
+    """The routed-expert FFN alone (fwd+bwd w.r.t. input and weights, float32, one device) per `moe_impl`, at the
+    shapes of the CPU benchmarks and at a released model's experts/top-k: what `moe_impl="auto"` picks on CPU from."""
+    device = jax.devices()[0]
+    shapes = [("model_bench", 1024, 512, 256, 8, 2), ("quickstart", 512, 192, 96, 8, 2),
+              ("64/6 experts", 1024, 512, 256, 64, 6)]
+    print(f"routed-expert FFN fwd+bwd, float32, one {device.platform} device, {os.cpu_count()} cores")
+    print(f"{'shape':>13} {'tokens':>6} {'hidden':>6} {'ffn':>4} {'E/k':>5} {'impl':>10} {'ms':>8} {'vs dense':>8}")
+    for name, T, D, F, E, K in shapes:
+        keys = jax.random.split(jax.random.key(0), 4)
+        x = jax.random.normal(keys[0], (T, D))
+        w_in = jax.random.normal(keys[1], (E, D, 2, F)) * 0.05
+        w_out = jax.random.normal(keys[2], (E, F, D)) * 0.05
+        top_logits, top_idx = jax.lax.top_k(jax.random.normal(keys[3], (T, E)), K)
+        top_w = jax.nn.softmax(top_logits, -1)
+        base = None
+        for impl in args.impls.split(","):
+            ffn = EXPERT_FFNS[impl]
+            step = jax.jit(jax.grad(lambda x, a, b, ffn=ffn: jnp.sum(ffn(x, a, b, top_idx, top_w) ** 2),
+                                    argnums=(0, 1, 2)))
+            ms = timed(step, x, w_in, w_out, repeats=args.repeats)
+            base = base or ms
+            print(f"{name:>13} {T:>6} {D:>6} {F:>4} {f'{E}/{K}':>5} {impl:>10} {ms:8.1f} {ms / base:7.2f}x",
+                  flush=True)
+
+
 def volume_table(args):
     print("all-to-all bytes per device, MoE layer, forward (backward: as much again), bf16")
     print(f"{'model':>20} {'mesh':>28} {'tokens/dev':>10} {'padded':>9} {'ragged bal.':>11} {'ragged worst':>12} "
@@ -147,9 +174,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flops", action="store_true", help="grouped-matmul TFLOP/s vs dense (GPU/TPU)")
     parser.add_argument("--volume", action="store_true", help="all-to-all volume table (no device needed)")
+    parser.add_argument("--grouped", action="store_true", help="the grouped matmuls on one CPU device")
     parser.add_argument("--smoke", action="store_true", help="with --flops: tiny shape, runs on CPU")
     parser.add_argument("--impls", default=None, help="grouped matmuls, comma-separated (default: dense for the CPU "
-                        "table, ragged_dot for --flops)")
+                        "table, ragged_dot for --flops, dense,blocked,ragged_dot for --grouped)")
     parser.add_argument("--tokens", type=int, default=2048, help="global tokens of the CPU table")
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--ffn", type=int, default=64)
@@ -161,6 +189,9 @@ def main():
     if args.flops:
         args.impls = args.impls or "ragged_dot"
         return flops_table(args)
+    if args.grouped:
+        args.impls = args.impls or "dense,blocked,ragged_dot"
+        return grouped_table(args)
     args.impls = args.impls or "dense"
     cpu_table(args)
 
