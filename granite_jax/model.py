@@ -149,9 +149,9 @@ def _or_ones(segment_ids_BL, h_BLD):
     return jnp.ones(h_BLD.shape[:2], jnp.int32) if segment_ids_BL is None else segment_ids_BL
 
 
-def project_logits(h_BLD, head_VD, logits_scaling: float):
-    """float32 logits [B,L,V] of final hidden states: h @ head.T / logits_scaling."""
-    return jnp.einsum("bld,vd->blv", h_BLD, head_VD, preferred_element_type=jnp.float32) / logits_scaling
+def project_logits(h_BLD, head_VD):
+    """float32 logits [B,L,V] of final hidden states: h @ head.T, with `head_VD` from `GraniteModel.head()`."""
+    return jnp.einsum("bld,vd->blv", h_BLD, head_VD, preferred_element_type=jnp.float32)
 
 
 class GraniteModel(nnx.Module):
@@ -171,7 +171,7 @@ class GraniteModel(nnx.Module):
         None (derived per document). Returns float32 logits [B,L,V], or (logits, aux) with `return_aux=True`:
         aux holds `load_balancing_loss`, `router_z_loss` (unscaled scalars) and `expert_load` [moe_layers, E].
         `return_hidden=True` returns the final normalised hidden states [B,L,D] (compute dtype) in place of the
-        logits: `project_logits(hidden, *model.head())` gives them, a slice of tokens at a time if wished."""
+        logits: `project_logits(hidden, model.head())` gives them, a slice of tokens at a time if wished."""
         cfg = self.config
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {input_ids.shape}")
@@ -182,7 +182,7 @@ class GraniteModel(nnx.Module):
         h_BLD = jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(dtype) * cfg.embedding_multiplier
         h_BLD, stats = self.layers(h_BLD, segment_ids, positions, token_mask_BL)
         h_BLD = self.norm(h_BLD)
-        logits_BLV = h_BLD if return_hidden else project_logits(h_BLD, *self.head())
+        logits_BLV = h_BLD if return_hidden else project_logits(h_BLD, self.head())
         if not return_aux:
             return logits_BLV
         if stats is None:
@@ -192,6 +192,8 @@ class GraniteModel(nnx.Module):
         return logits_BLV, aux_losses(stats, cfg.num_local_experts)
 
     def head(self):
-        """(head_VD in the compute dtype, logits_scaling): the output projection (the embedding when tied)."""
+        """The output projection [V, D] (the embedding when tied) divided by `logits_scaling`, in the compute dtype.
+        The division happens on the parameter before the cast (one rounding, as the cast alone), not on the [B,L,V]
+        logits: on CPU the logits' division fused into a transposed copy in the backward pass."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return head[...].astype(jnp.dtype(self.config.dtype)), self.config.logits_scaling
+        return (head[...] / self.config.logits_scaling).astype(jnp.dtype(self.config.dtype))

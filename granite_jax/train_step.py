@@ -48,8 +48,8 @@ def cross_entropy_sum(logits_BLV, targets_BL, weights_BL):
     return jnp.sum((lse_BL - target_logit_BL) * weights_BL)
 
 
-def chunked_cross_entropy_sum(h_BLD, head_VD, logits_scaling: float, targets_BL, weights_BL, chunk: int):
-    """`cross_entropy_sum` of `project_logits(h, head, logits_scaling)` without materialising the [B,L,V] logits:
+def chunked_cross_entropy_sum(h_BLD, head_VD, targets_BL, weights_BL, chunk: int):
+    """`cross_entropy_sum` of `project_logits(h, head)` without materialising the [B,L,V] logits:
     a rematerialised scan computes them `chunk` tokens per sequence shard at a time (the backward recomputes each
     chunk's logits), so the loss holds [B, chunk * shards, V] floats instead of [B, L, V].
 
@@ -60,7 +60,7 @@ def chunked_cross_entropy_sum(h_BLD, head_VD, logits_scaling: float, targets_BL,
     shards = context_size()
     local = L // shards
     if chunk <= 0 or chunk >= local:
-        return cross_entropy_sum(project_logits(h_BLD, head_VD, logits_scaling), targets_BL, weights_BL)
+        return cross_entropy_sum(project_logits(h_BLD, head_VD), targets_BL, weights_BL)
     if local % chunk:
         raise ValueError(f"logits_chunk_tokens={chunk} must divide the {local} tokens of each sequence shard "
                          f"(length {L} over {shards} context shards); pick a divisor of {local}")
@@ -73,7 +73,7 @@ def chunked_cross_entropy_sum(h_BLD, head_VD, logits_scaling: float, targets_BL,
     @jax.checkpoint
     def body(total, xs):
         h_BCD, targets_BC, weights_BC = xs
-        ce = cross_entropy_sum(project_logits(h_BCD, head_VD, logits_scaling), targets_BC, weights_BC)
+        ce = cross_entropy_sum(project_logits(h_BCD, head_VD), targets_BC, weights_BC)
         return total + ce, None
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (split(h_BLD), split(targets_BL), split(weights_BL)))
@@ -89,7 +89,7 @@ def loss_terms(model: GraniteModel, batch: Mapping[str, jax.Array]) -> dict[str,
     h_BLD, aux = model(tokens_BL, segment_ids=segment_ids_BL, positions=batch["positions"], return_aux=True,
                        return_hidden=True)
     targets_BL, weights_BL = next_token_targets(tokens_BL, segment_ids_BL)
-    ce_sum = chunked_cross_entropy_sum(h_BLD, *model.head(), targets_BL, weights_BL, model.config.logits_chunk_tokens)
+    ce_sum = chunked_cross_entropy_sum(h_BLD, model.head(), targets_BL, weights_BL, model.config.logits_chunk_tokens)
     return {"ce_sum": ce_sum, "tokens": jnp.sum(weights_BL), "load_balancing_loss": aux["load_balancing_loss"],
             "router_z_loss": aux["router_z_loss"], "expert_load": aux["expert_load"]}
 

@@ -149,14 +149,14 @@ def test_chunked_cross_entropy_matches_full_logits(n, chunk):
     h, head = normal(rng, 2, L, 16), normal(rng, 96, 16)
     tokens, seg = batch(96, seed=n)
     targets, weights = next_token_targets(tokens, seg)
-    want = jax.value_and_grad(lambda h, w: cross_entropy_sum(project_logits(h, w, 2.0), targets, weights),
+    want = jax.value_and_grad(lambda h, w: cross_entropy_sum(project_logits(h, w), targets, weights),
                               argnums=(0, 1))(h, head)
     mesh = context_mesh(n)
     h, tokens, seg = (jax.device_put(x, NamedSharding(mesh, P(None, "context"))) for x in (h, tokens, seg))
 
     def chunked(h, w, tokens, seg):
         targets, weights = next_token_targets(tokens, seg)
-        return chunked_cross_entropy_sum(h, w, 2.0, targets, weights, chunk)
+        return chunked_cross_entropy_sum(h, w, targets, weights, chunk)
 
     with jax.set_mesh(mesh):
         jaxpr = str(jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(h, head, tokens, seg))
@@ -166,7 +166,7 @@ def test_chunked_cross_entropy_matches_full_logits(n, chunk):
     assert (full_logits in jaxpr) == (chunk * n >= L)  # chunked: no [B, L, V] array anywhere, backward included
     with pytest.raises(ValueError, match="logits_chunk_tokens=5 must divide"):
         with jax.set_mesh(mesh):
-            chunked_cross_entropy_sum(h, head, 2.0, targets, weights, 5)
+            chunked_cross_entropy_sum(h, head, targets, weights, 5)
 
 
 def test_trainer_loss_with_logits_chunks_matches_unchunked():

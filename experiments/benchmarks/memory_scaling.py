@@ -44,7 +44,7 @@ def next_token_loss(model, tokens_BL, segment_ids_BL):
     `logits_chunk_tokens` tokens per shard at a time (0: the whole [B,L,V] at once)."""
     targets_BL, weights_BL = next_token_targets(tokens_BL, segment_ids_BL)
     h_BLD = model(tokens_BL, segment_ids=segment_ids_BL, return_hidden=True)
-    ce = chunked_cross_entropy_sum(h_BLD, *model.head(), targets_BL, weights_BL, model.config.logits_chunk_tokens)
+    ce = chunked_cross_entropy_sum(h_BLD, model.head(), targets_BL, weights_BL, model.config.logits_chunk_tokens)
     return ce / jnp.maximum(jnp.sum(weights_BL), 1.0)
 
 

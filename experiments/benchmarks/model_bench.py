@@ -2,9 +2,11 @@
 granite-jax vs transformers' PyTorch GraniteMoeHybridForCausalLM on the same weights, timed side by side.
 
     python experiments/benchmarks/model_bench.py [--preset bench-hybrid-20m] [--seq-len 1024] [--batch 1] [--iters 5]
+    python experiments/benchmarks/model_bench.py --dtype bfloat16   # bf16 compute vs PyTorch under bf16 autocast
 
-Both compute the mean next-token cross-entropy and its gradient with respect to every parameter, in float32. Ours is
-compiled with the XLA options the framework's own steps use (`granite_jax.xla_options`).
+Both compute the mean next-token cross-entropy and its gradient with respect to every parameter from float32
+parameters, in float32 (default) or with bfloat16 compute (ours: `ModelConfig.dtype`; PyTorch: `torch.autocast`).
+Ours is compiled with the XLA options the framework's own steps use (`granite_jax.xla_options`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flax import nnx  # noqa: E402
 
 from granite_jax import hf, xla_options  # noqa: E402
 from granite_jax.config import param_count, preset  # noqa: E402
+from granite_jax.model import GraniteModel  # noqa: E402
 
 
 def _median_seconds(fn, iters: int) -> float:
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     args = parser.parse_args()
 
     cfg = preset(args.preset)
@@ -52,6 +56,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         ours = hf.from_pretrained(tmp)
+    if args.dtype != "float32":  # the same float32 parameters, bfloat16 compute
+        low = nnx.eval_shape(lambda: GraniteModel(ours.config.replace(dtype=args.dtype), rngs=nnx.Rngs(0)))
+        nnx.update(low, nnx.state(ours))
+        ours = low
 
     # granite-jax: jit(value_and_grad) over all parameters.
     graphdef, state = nnx.split(ours)
@@ -76,7 +84,8 @@ def main() -> None:
 
     def torch_step():
         ref.zero_grad(set_to_none=True)
-        out = ref(ids_t, labels=ids_t)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+            out = ref(ids_t, labels=ids_t)
         out.loss.backward()
 
     torch_step()
@@ -85,8 +94,8 @@ def main() -> None:
     total, active = param_count(cfg)
     tokens = args.batch * args.seq_len
     print(f"{args.preset}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), batch {args.batch} x "
-          f"{args.seq_len}, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)")
+          f"{args.seq_len}, {args.dtype} compute, jax {jax.__version__} ({jax.default_backend()}), "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print("| implementation | fwd+bwd (s) | tokens/s |\n|---|---|---|")
     print(f"| granite-jax (jit, compile {compile_s:.1f} s) | {jax_s:.3f} | {tokens / jax_s:,.0f} |")
     print(f"| transformers PyTorch | {torch_s:.3f} | {tokens / torch_s:,.0f} |")
