@@ -3,6 +3,7 @@ granite-jax vs transformers' PyTorch GraniteMoeHybridForCausalLM on the same wei
 
     python experiments/benchmarks/model_bench.py [--preset bench-hybrid-20m] [--seq-len 1024] [--batch 1] [--iters 5]
     python experiments/benchmarks/model_bench.py --dtype bfloat16   # bf16 compute vs PyTorch under bf16 autocast
+    python experiments/benchmarks/model_bench.py --profile          # also: where our step's time goes, by source op
 
 Both compute the mean next-token cross-entropy and its gradient with respect to every parameter from float32
 parameters, in float32 (default) or with bfloat16 compute (ours: `ModelConfig.dtype`; PyTorch: `torch.autocast`).
@@ -12,8 +13,13 @@ Ours is compiled with the XLA options the framework's own steps use (`granite_ja
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
+import gzip
+import json
 import os
+import pathlib
+import re
 import tempfile
 import time
 
@@ -40,6 +46,31 @@ def _median_seconds(fn, iters: int) -> float:
     return float(np.median(times))
 
 
+def print_profile(step, *args, top: int = 20) -> None:
+    """Traces `step(*args)` with jax.profiler and prints the time of its XLA operations grouped by the JAX source
+    operation they came from (forward / backward), largest first, as a share of the step."""
+    hlo = step.lower(*args).compile().as_text()
+    source = dict(re.findall(r'%(\S+) = .*?metadata=\{op_name="([^"]+)"', hlo))
+    with tempfile.TemporaryDirectory() as tmp:
+        jax.profiler.start_trace(tmp, create_perfetto_trace=True)
+        jax.block_until_ready(step(*args))
+        jax.profiler.stop_trace()
+        with gzip.open(next(pathlib.Path(tmp).rglob("*.json.gz"))) as f:
+            events = json.load(f)["traceEvents"]
+    by_op, total = collections.Counter(), 0.0
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") == "X" and name in source:
+            op = source[name]
+            part = "backward" if "transpose(" in op else "forward"
+            op = re.sub(r"jit\([^)]*\)/|(transpose\()?jvp\(\)\)?/|while/body/|closed_call/", "", op)
+            by_op[f"{part}: {op}"] += e["dur"]
+            total += e["dur"]
+    print(f"our step, {total / 1e3:.0f} ms in XLA operations, by source operation:")
+    for op, us in by_op.most_common(top):
+        print(f"  {us / total:6.1%} {us / 1e3:8.1f} ms  {op}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench-hybrid-20m")
@@ -47,6 +78,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--profile", action="store_true", help="print our step's time per source operation")
     args = parser.parse_args()
 
     cfg = preset(args.preset)
@@ -77,6 +109,8 @@ def main() -> None:
     jax.block_until_ready(jax_step(state, ids))
     compile_s = time.perf_counter() - t0
     jax_s = _median_seconds(lambda: jax.block_until_ready(jax_step(state, ids)), args.iters)
+    if args.profile:
+        print_profile(jax_step, state, ids)
 
     # transformers (PyTorch, eager, the same weights).
     ref.train()
