@@ -156,3 +156,24 @@ def test_moe_without_shared_expert():
     assert model(jnp.ones((1, 8), jnp.int32)).shape == (1, 8, cfg.vocab_size)
     with pytest.raises(ValueError, match="shared_intermediate_size=0"):
         preset("debug-hybrid-dense", shared_intermediate_size=0)
+
+
+def test_cpu_compiler_options_keep_the_numbers():
+    """The XLA:CPU options of the framework's steps change how XLA:CPU fuses, not what it computes: loss and
+    gradients equal the default compile's (float32 reassociation only). Other platforms get no options."""
+    from granite_jax import xla_options
+
+    assert xla_options.compiler_options("tpu") == {} and xla_options.compiler_options("gpu") == {}
+    options = xla_options.compiler_options("cpu")
+    assert set(options) <= {"xla_cpu_experimental_ynn_fusion_type"}
+    cfg = preset("debug-hybrid-moe")
+    graphdef, state = nnx.split(GraniteModel(cfg, rngs=nnx.Rngs(0)))
+    ids = jax.random.randint(jax.random.key(4), (2, 24), 0, cfg.vocab_size)
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(ids) ** 2)
+
+    want = jax.jit(jax.value_and_grad(loss))(state)
+    got = jax.jit(jax.value_and_grad(loss), compiler_options=options)(state)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
