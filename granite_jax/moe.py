@@ -22,7 +22,6 @@ from granite_jax.mlp import swiglu
 from granite_jax.params import normal, param
 
 
-
 def dense_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     """Every expert on every token, combined with weights that are zero off the top-k: exact and dropless."""
     T, E = x_TD.shape[0], w_in_ED2F.shape[0]
