@@ -136,15 +136,14 @@ def _per_device(x_TD, top_idx_TK, top_w_TK, w_in_XD2F, w_out_XFD, *, plan: Plan,
         w_in_XD2F = jax.lax.all_gather(w_in_XD2F, plan.gather_in, axis=1, tiled=True)
     if plan.gather_out:
         w_out_XFD = jax.lax.all_gather(w_out_XFD, plan.gather_out, axis=2, tiled=True)
+    from granite_jax.moe import combine_slots, sort_slots  # moe imports this module
+
     T, K = top_idx_TK.shape
-    D = x_TD.shape[1]
     ep, X = plan.ep, w_in_XD2F.shape[0]
     cap = capacity(T, K, X)
 
     # 1. slots (token, k) sorted by expert, hence by destination device, then by its local expert
-    expert_S = top_idx_TK.reshape(-1)
-    order_S = jnp.argsort(expert_S, stable=True)
-    token_S = order_S // K
+    expert_S, order_S, token_S = sort_slots(top_idx_TK)
     dest_S = expert_S[order_S] // X
     counts_PX = jnp.bincount(expert_S, length=ep * X).astype(jnp.int32).reshape(ep, X)  # P = peer device
     send_P = jnp.sum(counts_PX, axis=1)
@@ -162,9 +161,7 @@ def _per_device(x_TD, top_idx_TK, top_w_TK, w_in_XD2F, w_out_XFD, *, plan: Plan,
     local_R = local_expert_ids(recv_counts_PX, recv_off_P, recv_RD.shape[0])
     ones_R1 = jnp.ones((recv_RD.shape[0], 1), jnp.float32)
     y_RD = ffn(recv_RD, w_in_XD2F, w_out_XFD, local_R[:, None], ones_R1)
-    y_SD = send_back(y_RD)
-    y_SD = y_SD * top_w_TK.reshape(-1)[order_S][:, None].astype(y_SD.dtype)
-    y_TD = jnp.zeros((T, D), y_SD.dtype).at[token_S].add(y_SD)
+    y_TD = combine_slots(send_back(y_RD), top_w_TK, order_S, token_S)
     if plan.reduce_axes:
         y_TD = jax.lax.psum(y_TD, plan.reduce_axes)
     return y_TD

@@ -30,18 +30,28 @@ def dense_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     return jnp.einsum("tef,efd,te->td", swiglu(h_TE2F), w_out_EFD, combine_TE)
 
 
+def sort_slots(top_idx_TK):
+    """(expert_S, order_S, token_S): the S = T*K (token, expert) slots' experts, the stable order that sorts them by
+    expert, and the token of each sorted slot."""
+    expert_S = top_idx_TK.reshape(-1)
+    order_S = jnp.argsort(expert_S, stable=True)
+    return expert_S, order_S, order_S // top_idx_TK.shape[1]
+
+
+def combine_slots(y_SD, top_w_TK, order_S, token_S):
+    """[T, D]: each sorted slot's output times its top-k weight, summed per token."""
+    y_SD = y_SD * top_w_TK.reshape(-1)[order_S][:, None].astype(y_SD.dtype)
+    return jnp.zeros((top_w_TK.shape[0], y_SD.shape[1]), y_SD.dtype).at[token_S].add(y_SD)
+
+
 def ragged_dot_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     """(token, expert) pairs sorted by expert, one `ragged_dot` per projection, scattered back: dropless."""
-    T, K = top_idx_TK.shape
     E, D, _, F = w_in_ED2F.shape
-    expert_S = top_idx_TK.reshape(-1)  # S = T*K slots
-    order_S = jnp.argsort(expert_S, stable=True)
-    token_S = order_S // K
+    expert_S, order_S, token_S = sort_slots(top_idx_TK)
     group_sizes_E = jnp.bincount(expert_S, length=E).astype(jnp.int32)
     h_S2F = jax.lax.ragged_dot(x_TD[token_S], w_in_ED2F.reshape(E, D, 2 * F), group_sizes_E).reshape(-1, 2, F)
     out_SD = jax.lax.ragged_dot(swiglu(h_S2F), w_out_EFD, group_sizes_E)
-    out_SD = out_SD * top_w_TK.reshape(-1)[order_S][:, None].astype(out_SD.dtype)
-    return jnp.zeros((T, D), out_SD.dtype).at[token_S].add(out_SD)
+    return combine_slots(out_SD, top_w_TK, order_S, token_S)
 
 
 def block_rows(slots: int, num_experts: int) -> int:
@@ -56,15 +66,13 @@ def blocked_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     at the end of each expert's rows), one batched matmul per projection over all blocks with each block's expert
     weights: dropless, about the routed FLOPs plus the padding. Slots whose expert id is E (expert-parallel padding
     rows) belong to no block and give zeros."""
-    T, K = top_idx_TK.shape
     E, D, _, F = w_in_ED2F.shape
-    S = T * K
+    S = top_idx_TK.size
     bk = block_rows(S, E)
     n_blocks = -(-(S + E * (bk - 1)) // bk)  # the most blocks any routing can need
     R = n_blocks * bk
-    expert_S = top_idx_TK.reshape(-1)
-    order_S = jnp.argsort(expert_S, stable=True)
-    token_S, expert_s = order_S // K, expert_S[order_S]
+    expert_S, order_S, token_S = sort_slots(top_idx_TK)
+    expert_s = expert_S[order_S]
     rows_E = jnp.bincount(expert_S, length=E)
     padded_E = (rows_E + bk - 1) // bk * bk
     pad_end_E = jnp.cumsum(padded_E)
@@ -76,9 +84,7 @@ def blocked_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     x_NBD = x_RD.reshape(n_blocks, bk, D)
     h_NB2F = jnp.einsum("nbd,ndf->nbf", x_NBD, w_in_ED2F.reshape(E, D, 2 * F)[expert_N]).reshape(n_blocks, bk, 2, F)
     y_RD = jnp.einsum("nbf,nfd->nbd", swiglu(h_NB2F), w_out_EFD[expert_N]).reshape(R, D)
-    y_SD = y_RD.at[row_S].get(mode="fill", fill_value=0)
-    y_SD = y_SD * top_w_TK.reshape(-1)[order_S][:, None].astype(y_SD.dtype)
-    return jnp.zeros((T, D), y_SD.dtype).at[token_S].add(y_SD)
+    return combine_slots(y_RD.at[row_S].get(mode="fill", fill_value=0), top_w_TK, order_S, token_S)
 
 
 EXPERT_FFNS = {"dense": dense_experts, "ragged_dot": ragged_dot_experts, "blocked": blocked_experts}

@@ -222,6 +222,7 @@ class _StopSignal:
 def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
     """Trains according to `cfg` in `workdir` (resuming from its latest checkpoint). Returns the exit code."""
     import jax
+    import numpy as np
 
     import data_pipelines
     from granite_jax import checkpoint, evaluate, flops, metrics, optim, sharding, train_step
@@ -265,8 +266,8 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
     def finish(entry) -> int:
         nonlocal last_done
         done_step, m, data_wait, n_tokens, ev = entry
-        m = {k: (v.item() if v.ndim == 0 else [[round(float(x), 5) for x in row] for row in v] if v.ndim == 2
-                 else [round(float(x), 4) for x in v]) for k, v in jax.device_get(m).items()}
+        m = {k: v.item() if v.ndim == 0 else np.round(v.astype(np.float64), 5).tolist()  # per-layer expert load
+             for k, v in jax.device_get(m).items()}
         ev = {k: v.item() for k, v in jax.device_get(ev).items()} if ev else {}
         now = time.perf_counter()
         step_time, last_done = now - last_done, now

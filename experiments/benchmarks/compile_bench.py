@@ -34,11 +34,11 @@ def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_l
                  remat: str = "full", pattern: tuple[str, ...] = (), fields: dict | None = None) -> tuple[float, float]:
     """(lower seconds, compile seconds) of jit(value_and_grad(next-token loss)) for the preset cut to n_layers
     (layer types repeating `pattern`, default the preset's own; `fields` replace ModelConfig fields)."""
-    cfg = preset(preset_name, **(fields or {}))
+    # For a TPU target, "auto" would pick this machine's (CPU) kernels; `fields` may still choose others.
+    kernels = {} if target == "cpu" else {"ssd_impl": "pallas_tpu", "moe_impl": "ragged_dot"}
+    cfg = preset(preset_name, **{**kernels, **(fields or {})})
     cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(pattern or cfg.layer_types, n_layers),
                       dtype="bfloat16", remat=remat)
-    if target != "cpu":  # "auto" would pick this machine's (CPU) implementations; --set may choose others
-        cfg = cfg.replace(**{"ssd_impl": "pallas_tpu", "moe_impl": "ragged_dot", **(fields or {})})
     abstract = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
