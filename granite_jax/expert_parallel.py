@@ -1,10 +1,14 @@
 """Expert parallelism: routed tokens travel to the devices that hold their experts and back, inside `shard_map`.
 
+(When the mesh does not shard the experts, the same `shard_map` runs each device's tokens through all experts with
+no exchange: `make_plan` gives `ep == 1`.)
+
 Routed expert weights are sharded over the `expert` mesh axis on their expert dimension (`experts` -> `expert` in
 `sharding.LOGICAL_AXIS_RULES`); tokens are sharded over every non-tensor mesh axis. Per device, within its group of
 `ep` devices along the expert axis:
 
-  1. sort its T*K (token, expert) slots by expert and count them per expert: `counts [ep, X]` (X = E/ep local experts);
+  1. put its T*K (token, expert) slots in expert order and count them per expert: `counts [ep, X]` (X = E/ep local
+     experts);
   2. exchange the counts (all_to_all), so every device knows how many rows each peer sends to each of its experts;
   3. send the token copies to the expert owners: a padded all_to_all of `[ep, cap, D]` (works everywhere) or a ragged
      all_to_all of exactly the routed rows (`jax.lax.ragged_all_to_all`: TPU/GPU; XLA:CPU does not implement it);
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from granite_jax import sharding
+from granite_jax.routing import combine_slots, move_rows, route_slots, sorted_slot_rows
 
 TRANSPORTS = ("all_to_all", "ragged_all_to_all")
 
@@ -71,8 +76,10 @@ def resolve_transport(dispatch: str, mesh) -> str:
 
 
 def make_plan(dispatch: str, x_shape, w_in_names, w_in_shape, w_out_names, w_out_shape, mesh=None) -> Plan | None:
-    """The expert-parallel layout under the current mesh (`jax.set_mesh`), or None for the local path: no mesh, a mesh
-    whose expert dimension is unsharded, `dispatch="local"`, or a call already inside a shard_map.
+    """The per-device layout under the current mesh (`jax.set_mesh`), or None for the global path (one grouped matmul
+    over all tokens, partitioned by GSPMD): no mesh or a one-device mesh, `dispatch="local"`, or a call already
+    inside a shard_map. When the mesh does not shard the expert dimension, `ep` is 1: each device runs every expert
+    on its own batch rows, nothing is exchanged (the global path when the sequence is sharded over `context`).
 
     `x_shape` is the MoE input [B, L, D]; the names are the weights' logical axis names.
     """
@@ -87,8 +94,6 @@ def make_plan(dispatch: str, x_shape, w_in_names, w_in_shape, w_out_names, w_out
     w_in = [_axes(e) for e in tuple(w_in_spec) + (None,) * (4 - len(w_in_spec))]
     w_out = [_axes(e) for e in tuple(w_out_spec) + (None,) * (3 - len(w_out_spec))]
     ep_axes, reduce_axes = w_in[0], w_in[3]
-    if not ep_axes:
-        return None
     if w_out[0] != ep_axes or w_out[1] != reduce_axes or w_in[2]:
         raise ValueError(f"expert-parallel MoE: input_linear {w_in_spec} and output_linear {w_out_spec} must shard "
                          "their expert and FFN-width dimensions over the same mesh axes (check the `experts` and "
@@ -96,7 +101,17 @@ def make_plan(dispatch: str, x_shape, w_in_names, w_in_shape, w_out_names, w_out
     B, L, _ = x_shape
     sizes = dict(mesh.shape)
     act = sharding.logical_to_spec(("batch", "length"), mesh, rules)  # only the order: T = B*L splits as a whole
-    token_axes = tuple(a for e in act for a in _axes(e))
+    act = [_axes(e) for e in tuple(act) + (None,) * (2 - len(act))]
+    gathers = dict(w_in_spec=w_in_spec, w_out_spec=w_out_spec, gather_in=w_in[1], gather_out=w_out[2],
+                   reduce_axes=reduce_axes, transport=resolve_transport(dispatch, mesh))
+    if not ep_axes:
+        # Each device's own tokens, where they flatten to whole rows of T (the sequence unsharded) and split evenly;
+        # otherwise (context parallelism, one device) the global path.
+        token_axes = tuple(a for a in act[0] if a not in reduce_axes)
+        if mesh.size == 1 or act[1] or B % math.prod(sizes[a] for a in token_axes):
+            return None
+        return Plan(ep_axes=(), ep=1, token_axes=token_axes, **gathers)
+    token_axes = act[0] + act[1]
     # Tokens are split over every other axis too (not over the FFN-width axes, whose shards need the same tokens):
     # the expert axis above all, so that each device of an all-to-all group brings different tokens.
     token_axes += tuple(a for a in mesh.axis_names if sizes[a] > 1 and a not in token_axes + reduce_axes)
@@ -108,9 +123,7 @@ def make_plan(dispatch: str, x_shape, w_in_names, w_in_shape, w_out_names, w_out
         desc = " x ".join(f"{a}={sizes[a]}" for a in token_axes)
         raise ValueError(f"expert-parallel MoE: {B * L} tokens (batch {B} x length {L}) do not split over mesh "
                          f"{desc} (= {n_shards} shards); make batch x length a multiple of {n_shards}")
-    return Plan(ep_axes=ep_axes, ep=math.prod(sizes[a] for a in ep_axes), token_axes=token_axes,
-                w_in_spec=w_in_spec, w_out_spec=w_out_spec, gather_in=w_in[1], gather_out=w_out[2],
-                reduce_axes=reduce_axes, transport=resolve_transport(dispatch, mesh))
+    return Plan(ep_axes=ep_axes, ep=math.prod(sizes[a] for a in ep_axes), token_axes=token_axes, **gathers)
 
 
 def capacity(tokens_per_device: int, top_k: int, local_experts: int) -> int:
@@ -120,7 +133,8 @@ def capacity(tokens_per_device: int, top_k: int, local_experts: int) -> int:
 
 
 def expert_parallel_ffn(x_TD, top_idx_TK, top_w_TK, w_in_ED2F, w_out_EFD, *, plan: Plan, ffn):
-    """Routed-expert output [T, D] for global tokens `x_TD` (any sharding), computed expert-parallel.
+    """Routed-expert output [T, D] for global tokens `x_TD` (any sharding), computed per device: expert-parallel when
+    `plan.ep > 1`, each device's own tokens through all experts when it is 1.
 
     `ffn` is a grouped SwiGLU with the `moe.EXPERT_FFNS` signature, run per device over its local experts.
     """
@@ -136,16 +150,18 @@ def _per_device(x_TD, top_idx_TK, top_w_TK, w_in_XD2F, w_out_XFD, *, plan: Plan,
         w_in_XD2F = jax.lax.all_gather(w_in_XD2F, plan.gather_in, axis=1, tiled=True)
     if plan.gather_out:
         w_out_XFD = jax.lax.all_gather(w_out_XFD, plan.gather_out, axis=2, tiled=True)
-    from granite_jax.moe import combine_slots, sort_slots  # moe imports this module
 
+    if plan.ep == 1:  # the experts are not sharded: this device's tokens through all of them
+        y_TD = ffn(x_TD, w_in_XD2F, w_out_XFD, top_idx_TK, top_w_TK)
+        return jax.lax.psum(y_TD, plan.reduce_axes) if plan.reduce_axes else y_TD
     T, K = top_idx_TK.shape
     ep, X = plan.ep, w_in_XD2F.shape[0]
     cap = capacity(T, K, X)
 
-    # 1. slots (token, k) sorted by expert, hence by destination device, then by its local expert
-    expert_S, order_S, token_S = sort_slots(top_idx_TK)
-    dest_S = expert_S[order_S] // X
-    counts_PX = jnp.bincount(expert_S, length=ep * X).astype(jnp.int32).reshape(ep, X)  # P = peer device
+    # 1. slots (token, k) in expert order, hence by destination device, then by its local expert
+    sizes_E, order_S, position_S = route_slots(top_idx_TK, ep * X)
+    dest_S = top_idx_TK.reshape(-1)[order_S] // X
+    counts_PX = sizes_E.reshape(ep, X)  # P = peer device
     send_P = jnp.sum(counts_PX, axis=1)
     send_off_P = jnp.cumsum(send_P) - send_P
     # 2. counts[i, x]: rows peer i sends to my local expert x
@@ -153,7 +169,7 @@ def _per_device(x_TD, top_idx_TK, top_w_TK, w_in_XD2F, w_out_XFD, *, plan: Plan,
     recv_P = jnp.sum(recv_counts_PX, axis=1)
 
     # 3-5.
-    x_SD = x_TD[token_S]
+    x_SD = sorted_slot_rows(x_TD, K, order_S, position_S)
     if plan.transport == "all_to_all":
         recv_RD, recv_off_P, send_back = _padded(x_SD, dest_S, send_P, send_off_P, cap, plan.ep_axes)
     else:
@@ -161,7 +177,7 @@ def _per_device(x_TD, top_idx_TK, top_w_TK, w_in_XD2F, w_out_XFD, *, plan: Plan,
     local_R = local_expert_ids(recv_counts_PX, recv_off_P, recv_RD.shape[0])
     ones_R1 = jnp.ones((recv_RD.shape[0], 1), jnp.float32)
     y_RD = ffn(recv_RD, w_in_XD2F, w_out_XFD, local_R[:, None], ones_R1)
-    y_TD = combine_slots(send_back(y_RD), top_w_TK, order_S, token_S)
+    y_TD = combine_slots(move_rows(send_back(y_RD), position_S, order_S), top_w_TK)
     if plan.reduce_axes:
         y_TD = jax.lax.psum(y_TD, plan.reduce_axes)
     return y_TD
@@ -184,15 +200,14 @@ def _padded(x_SD, dest_S, send_P, send_off_P, cap: int, axes):
     ep = send_P.shape[0]
     S, D = x_SD.shape
     c_C = jnp.arange(cap, dtype=jnp.int32)
-    src_PC = jnp.minimum(send_off_P[:, None] + c_C, S - 1)
-    valid_PC = c_C < send_P[:, None]
-    send_PCD = jnp.where(valid_PC[..., None], x_SD[src_PC], 0)
+    src_PC = jnp.where(c_C < send_P[:, None], send_off_P[:, None] + c_C, S).reshape(-1)  # S: an empty row
+    dst_S = dest_S * cap + jnp.arange(S, dtype=jnp.int32) - send_off_P[dest_S]
+    send_PCD = move_rows(x_SD, src_PC, dst_S).reshape(ep, cap, D)
     recv_PCD = jax.lax.all_to_all(send_PCD, axes, 0, 0, tiled=True)
-    pos_S = jnp.arange(S, dtype=jnp.int32) - send_off_P[dest_S]
 
     def send_back(y_RD):
         back_PCD = jax.lax.all_to_all(y_RD.reshape(ep, cap, D), axes, 0, 0, tiled=True)
-        return back_PCD[dest_S, pos_S]
+        return move_rows(back_PCD.reshape(ep * cap, D), dst_S, src_PC)
 
     return recv_PCD.reshape(ep * cap, D), jnp.arange(ep, dtype=jnp.int32) * cap, send_back
 
@@ -206,16 +221,23 @@ def _ragged(x_SD, send_P, send_off_P, recv_P, rows: int, axes):
     # where my rows land in each receiver's buffer: after those of the senders before me
     out_off_P = jnp.sum(jnp.where(earlier_P[:, None], sizes_PP, 0), axis=0).astype(jnp.int32)
     recv_off_P = jnp.cumsum(recv_P) - recv_P
-    recv_RD = jax.lax.ragged_all_to_all(x_SD, jnp.zeros((rows, D), x_SD.dtype), send_off_P, send_P, out_off_P,
+    recv_RD = jax.lax.ragged_all_to_all(x_SD, _zeros_like_rows(x_SD, rows), send_off_P, send_P, out_off_P,
                                         recv_P, axis_name=axes)
     # on the way back, peer i's rows return to where i took them from: its send offset for me
     back_off_P = jnp.sum(jnp.where(earlier_P[None, :], sizes_PP, 0), axis=1).astype(jnp.int32)
 
     def send_back(y_RD):
-        return jax.lax.ragged_all_to_all(y_RD, jnp.zeros((S, D), y_RD.dtype), recv_off_P, recv_P, back_off_P,
+        return jax.lax.ragged_all_to_all(y_RD, _zeros_like_rows(y_RD, S), recv_off_P, recv_P, back_off_P,
                                          send_P, axis_name=axes)
 
     return recv_RD, recv_off_P, send_back
+
+
+def _zeros_like_rows(x_ND, rows: int):
+    """A zero [rows, D] buffer that varies over the same mesh axes as `x_ND`, as a ragged all-to-all's output does
+    (a plain constant would be typed as equal on every device, and so would the received rows)."""
+    zeros = jnp.zeros((rows, x_ND.shape[1]), x_ND.dtype)
+    return jax.lax.pcast(zeros, tuple(jax.typeof(x_ND).manual_axis_type.varying), to="varying")
 
 
 def all_to_all_bytes(cfg, mesh_shape, *, tokens_per_device: int) -> dict[str, float]:

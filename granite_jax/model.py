@@ -127,13 +127,22 @@ class LayerStack(nnx.Module):
         def one_period(h, period_states):
             stats = []
             for graphdef, state in zip(graphdefs, period_states):
-                h, run_stats = jax.lax.scan(run_layers(graphdef), h, state)
+                h, run_stats = _scan(run_layers(graphdef), h, state)
                 stats.append(run_stats)
             # Concatenating the runs restores layer order within the period.
             return h, jax.tree.map(lambda *s: jnp.concatenate(s, axis=0), *stats)
 
-        h_BLD, stats = jax.lax.scan(one_period, h_BLD, states)
+        h_BLD, stats = _scan(one_period, h_BLD, states)
         return h_BLD, jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats)  # [layers, ...]
+
+
+def _scan(body, carry, xs):
+    """`jax.lax.scan(body, carry, xs)`, or a plain call when there is one step: a loop of one step still stacks
+    what autodiff saves for the backward pass (a copy per layer on CPU) and is one more loop for TPU compilers."""
+    if jax.tree.leaves(xs)[0].shape[0] != 1:
+        return jax.lax.scan(body, carry, xs)
+    carry, y = body(carry, jax.tree.map(lambda a: a[0], xs))
+    return carry, jax.tree.map(lambda a: a[None], y)
 
 
 def segment_positions(segment_ids_BL):

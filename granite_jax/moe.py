@@ -1,14 +1,15 @@
 """Fine-grained mixture of experts: float32 top-k router and a dropless grouped SwiGLU over the routed experts.
 
-The grouped matmul is pluggable (`EXPERT_FFNS`): `ragged_dot` sorts the (token, expert) pairs by expert and runs
-`jax.lax.ragged_dot` (the primitive TPUs and GPUs want); `blocked` sorts them the same way into fixed-size row blocks
-of one expert each and runs one batched matmul over the blocks (the CPU path: XLA:CPU's ragged_dot is slow, FACTS.md
-§4); `dense` runs every expert on every token and weights the outputs by the (mostly zero) combine weights. None drops
-a token; docs/moe.md has the measurements behind `auto`.
+The grouped matmul is pluggable (`EXPERT_FFNS`): `ragged_dot` puts the (token, expert) pairs in expert order
+(`granite_jax.routing`) and runs `jax.lax.ragged_dot` (the primitive TPUs and GPUs want); `blocked` puts them the same
+way into fixed-size row blocks of one expert each and runs one batched matmul over the blocks (the CPU path:
+XLA:CPU's ragged_dot is slow, FACTS.md §4); `dense` runs every expert on every token and weights the outputs by the
+(mostly zero) combine weights. None drops a token; docs/moe.md has the measurements behind `auto`.
 
 When the mesh set with `jax.set_mesh` shards the experts over the `expert` axis, the routed tokens are dispatched to
-the devices holding their experts with all-to-all collectives (`granite_jax.expert_parallel`, docs/moe.md); the router
-and its statistics stay outside, so the aux losses do not depend on the parallelism.
+the devices holding their experts with all-to-all collectives (`granite_jax.expert_parallel`, docs/moe.md); on a mesh
+that does not, each device runs its own tokens through all experts. The router and its statistics stay outside, so
+the aux losses do not depend on the parallelism.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flax import nnx
 from granite_jax import expert_parallel
 from granite_jax.mlp import swiglu
 from granite_jax.params import normal, param
+from granite_jax.routing import combine_slots, move_rows, route_slots, sorted_slot_rows
 
 
 def dense_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
@@ -30,28 +32,14 @@ def dense_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     return jnp.einsum("tef,efd,te->td", swiglu(h_TE2F), w_out_EFD, combine_TE)
 
 
-def sort_slots(top_idx_TK):
-    """(expert_S, order_S, token_S): the S = T*K (token, expert) slots' experts, the stable order that sorts them by
-    expert, and the token of each sorted slot."""
-    expert_S = top_idx_TK.reshape(-1)
-    order_S = jnp.argsort(expert_S, stable=True)
-    return expert_S, order_S, order_S // top_idx_TK.shape[1]
-
-
-def combine_slots(y_SD, top_w_TK, order_S, token_S):
-    """[T, D]: each sorted slot's output times its top-k weight, summed per token."""
-    y_SD = y_SD * top_w_TK.reshape(-1)[order_S][:, None].astype(y_SD.dtype)
-    return jnp.zeros((top_w_TK.shape[0], y_SD.shape[1]), y_SD.dtype).at[token_S].add(y_SD)
-
-
 def ragged_dot_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
-    """(token, expert) pairs sorted by expert, one `ragged_dot` per projection, scattered back: dropless."""
+    """(token, expert) slots in expert order, one `ragged_dot` per projection, moved back and combined: dropless."""
     E, D, _, F = w_in_ED2F.shape
-    expert_S, order_S, token_S = sort_slots(top_idx_TK)
-    group_sizes_E = jnp.bincount(expert_S, length=E).astype(jnp.int32)
-    h_S2F = jax.lax.ragged_dot(x_TD[token_S], w_in_ED2F.reshape(E, D, 2 * F), group_sizes_E).reshape(-1, 2, F)
-    out_SD = jax.lax.ragged_dot(swiglu(h_S2F), w_out_EFD, group_sizes_E)
-    return combine_slots(out_SD, top_w_TK, order_S, token_S)
+    sizes_E, order_S, position_S = route_slots(top_idx_TK, E)
+    x_SD = sorted_slot_rows(x_TD, top_idx_TK.shape[1], order_S, position_S)
+    h_S2F = jax.lax.ragged_dot(x_SD, w_in_ED2F.reshape(E, D, 2 * F), sizes_E).reshape(-1, 2, F)
+    out_SD = jax.lax.ragged_dot(swiglu(h_S2F), w_out_EFD, sizes_E)
+    return combine_slots(move_rows(out_SD, position_S, order_S), top_w_TK)
 
 
 def block_rows(slots: int, num_experts: int) -> int:
@@ -62,29 +50,26 @@ def block_rows(slots: int, num_experts: int) -> int:
 
 
 def blocked_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
-    """(token, expert) slots sorted by expert into blocks of `block_rows` rows, each block one expert's (zero-padded
+    """(token, expert) slots in expert order in blocks of `block_rows` rows, each block one expert's (zero-padded
     at the end of each expert's rows), one batched matmul per projection over all blocks with each block's expert
     weights: dropless, about the routed FLOPs plus the padding. Slots whose expert id is E (expert-parallel padding
     rows) belong to no block and give zeros."""
     E, D, _, F = w_in_ED2F.shape
-    S = top_idx_TK.size
+    S, K = top_idx_TK.size, top_idx_TK.shape[1]
     bk = block_rows(S, E)
     n_blocks = -(-(S + E * (bk - 1)) // bk)  # the most blocks any routing can need
     R = n_blocks * bk
-    expert_S, order_S, token_S = sort_slots(top_idx_TK)
-    expert_s = expert_S[order_S]
-    rows_E = jnp.bincount(expert_S, length=E)
+    rows_E, _, position_S = route_slots(top_idx_TK, E)
     padded_E = (rows_E + bk - 1) // bk * bk
     pad_end_E = jnp.cumsum(padded_E)
-    shift_E = pad_end_E - padded_E - (jnp.cumsum(rows_E) - rows_E)  # padded start minus unpadded start
-    real_S = expert_s < E
-    row_S = jnp.where(real_S, jnp.arange(S) + shift_E[jnp.minimum(expert_s, E - 1)], R)  # R: dropped, reads 0
-    x_RD = jnp.zeros((R, D), x_TD.dtype).at[row_S].set(x_TD[token_S], mode="drop")
+    shift_E = jnp.append(pad_end_E - padded_E - (jnp.cumsum(rows_E) - rows_E), R)  # padded minus unpadded start
+    row_S = position_S + shift_E[top_idx_TK.reshape(-1)]  # >= R (out of range: no row) for no-expert slots
+    slot_R = jnp.full((R,), S, row_S.dtype).at[row_S].set(jnp.arange(S, dtype=row_S.dtype), mode="drop")
+    x_NBD = move_rows(jnp.repeat(x_TD, K, axis=0), slot_R, row_S).reshape(n_blocks, bk, D)
     expert_N = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(n_blocks) * bk, side="right"), E - 1)
-    x_NBD = x_RD.reshape(n_blocks, bk, D)
     h_NB2F = jnp.einsum("nbd,ndf->nbf", x_NBD, w_in_ED2F.reshape(E, D, 2 * F)[expert_N]).reshape(n_blocks, bk, 2, F)
     y_RD = jnp.einsum("nbf,nfd->nbd", swiglu(h_NB2F), w_out_EFD[expert_N]).reshape(R, D)
-    return combine_slots(y_RD.at[row_S].get(mode="fill", fill_value=0), top_w_TK, order_S, token_S)
+    return combine_slots(move_rows(y_RD, row_S, slot_R), top_w_TK)
 
 
 EXPERT_FFNS = {"dense": dense_experts, "ragged_dot": ragged_dot_experts, "blocked": blocked_experts}

@@ -79,10 +79,10 @@ def run_sharded(model, mesh, *args, fn=loss_fn):
         return lowered.compile()(state, *args), lowered.as_text()
 
 
-def assert_matches_single_device(model, mesh, args, fn=loss_fn):
+def assert_matches_single_device(model, mesh, args, fn=loss_fn, all_to_all=True):
     (loss, (logits, aux)), grads = nnx.jit(nnx.value_and_grad(fn, has_aux=True))(model, *args)
     ((ep_loss, (ep_logits, ep_aux)), ep_grads), hlo = run_sharded(model, mesh, *args, fn=fn)
-    assert "all_to_all" in hlo, "the expert-parallel path was not taken"
+    assert ("all_to_all" in hlo) == all_to_all, "the expected path was not taken"
     assert _rel_err(ep_logits, logits) <= 1e-4
     assert _rel_err(ep_loss, loss) <= 1e-5
     for key in ("load_balancing_loss", "router_z_loss", "expert_load"):
@@ -157,14 +157,26 @@ def test_all_tokens_on_one_device(monkeypatch, transport, mesh_cfg, num_experts,
     assert_matches_single_device(moe, sh.make_mesh(mesh_cfg), (x,), fn=_moe_loss)
 
 
-def test_local_dispatch_and_no_expert_axis_take_the_local_path():
+def test_local_dispatch_one_device_and_no_mesh_take_the_global_path():
     moe, x = _moe_layer(8, 2, dispatch="local")
     *_, hlo = run_sharded(moe, sh.make_mesh({"expert": 8}), x, fn=_moe_loss)
     assert "all_to_all" not in hlo
     w_in, w_out = (8, 32, 2, 16), (8, 16, 32)
-    with jax.set_mesh(sh.make_mesh({"fsdp": 8})):
+    with jax.set_mesh(sh.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])):
         assert ep.make_plan("auto", (B, L, 32), MoE.W_IN_AXES, w_in, MoE.W_OUT_AXES, w_out) is None
     assert ep.make_plan("auto", (B, L, 32), MoE.W_IN_AXES, w_in, MoE.W_OUT_AXES, w_out) is None  # no mesh
+
+
+def test_no_expert_axis_runs_every_expert_per_device():
+    """Experts not sharded: each device routes its own tokens through all experts (one shard_map, no exchange)."""
+    w_in, w_out = (8, 32, 2, 16), (8, 16, 32)
+    mesh = sh.make_mesh({"fsdp": 4, "tensor": 2})
+    plan = ep.make_plan("auto", (B, L, 32), MoE.W_IN_AXES, w_in, MoE.W_OUT_AXES, w_out, mesh=mesh.abstract_mesh)
+    assert (plan.ep, plan.token_axes, plan.gather_in, plan.reduce_axes) == (1, ("fsdp",), ("fsdp",), ("tensor",))
+    context = sh.make_mesh({"fsdp": 4, "context": 2}).abstract_mesh  # the sequence sharded: the global path
+    assert ep.make_plan("auto", (B, L, 32), MoE.W_IN_AXES, w_in, MoE.W_OUT_AXES, w_out, mesh=context) is None
+    model = skewed_model(8, 2, **ATTENTION_ONLY)
+    assert_matches_single_device(model, mesh, batch(model.config.vocab_size), all_to_all=False)
 
 
 def test_plan_axes_and_errors():

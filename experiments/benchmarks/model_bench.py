@@ -5,6 +5,10 @@ granite-jax vs transformers' PyTorch GraniteMoeHybridForCausalLM on the same wei
     python experiments/benchmarks/model_bench.py --dtype bfloat16   # bf16 compute vs PyTorch under bf16 autocast
     python experiments/benchmarks/model_bench.py --profile          # also: where our step's time goes, by source op
 
+It also prints the step's floor on this machine: the model FLOPs of a training step (`granite_jax.flops`, matmuls and
+the SSD/attention contractions) at the rate this machine multiplies matrices of the model's width in the compute
+dtype (the faster of JAX and PyTorch), as if nothing else took time.
+
 Both compute the mean next-token cross-entropy and its gradient with respect to every parameter from float32
 parameters, in float32 (default) or with bfloat16 compute (ours: `ModelConfig.dtype`; PyTorch: `torch.autocast`).
 Ours is compiled with the XLA options the framework's own steps use (`granite_jax.xla_options`).
@@ -34,6 +38,7 @@ from flax import nnx  # noqa: E402
 
 from granite_jax import hf, xla_options  # noqa: E402
 from granite_jax.config import param_count, preset  # noqa: E402
+from granite_jax.flops import model_flops_per_token  # noqa: E402
 from granite_jax.model import GraniteModel  # noqa: E402
 
 
@@ -44,6 +49,18 @@ def _median_seconds(fn, iters: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def matmul_flops_per_s(rows: int, width: int, dtype: str, iters: int = 20) -> float:
+    """This machine's best rate, JAX or PyTorch, for [rows, width] x [width, 4 * width] matmuls in `dtype`."""
+    flops = 2 * rows * width * 4 * width
+    a, b = jnp.ones((rows, width), dtype), jnp.ones((width, 4 * width), dtype)
+    mm = jax.jit(jnp.matmul)
+    jax_s = _median_seconds(lambda: jax.block_until_ready(mm(a, b)), iters + 1)
+    t_dtype = getattr(torch, dtype)
+    ta, tb = torch.ones(rows, width, dtype=t_dtype), torch.ones(width, 4 * width, dtype=t_dtype)
+    torch_s = _median_seconds(lambda: ta @ tb, iters + 1)
+    return flops / min(jax_s, torch_s)
 
 
 def print_profile(step, *args, top: int = 20) -> None:
@@ -134,6 +151,10 @@ def main() -> None:
     print(f"| granite-jax (jit, compile {compile_s:.1f} s) | {jax_s:.3f} | {tokens / jax_s:,.0f} |")
     print(f"| transformers PyTorch | {torch_s:.3f} | {tokens / torch_s:,.0f} |")
     print(f"speed-up: {torch_s / jax_s:.2f}x")
+    step_flops = model_flops_per_token(cfg, args.seq_len)["training"] * tokens
+    rate = matmul_flops_per_s(tokens, cfg.hidden_size, args.dtype)
+    print(f"floor: {step_flops / 1e9:.0f} GFLOP per step at this machine's {args.dtype} matmul rate "
+          f"({rate / 1e9:.0f} GFLOP/s) = {step_flops / rate:.3f} s; 2x PyTorch needs {torch_s / 2:.3f} s")
 
 
 if __name__ == "__main__":
