@@ -25,7 +25,8 @@ SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 CONTEXT_ATTENTION = ("all_gather", "ring")
 # How routed tokens reach their experts (docs/moe.md): "auto" = all-to-all expert parallelism when the mesh shards the
-# experts (ragged on TPU/GPU, padded on CPU), "local" = every device runs the grouped matmul on its own tokens.
+# experts (ragged on TPU/GPU, padded on CPU), else each device's own tokens through all experts; "local" = one grouped
+# matmul over the global token array, partitioned by GSPMD.
 MOE_DISPATCHES = ("auto", "local", "all_to_all", "ragged_all_to_all")
 
 # Keys of a Hugging Face config that carry no model semantics for us (bookkeeping written by transformers).

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from granite_jax import sharding
-from granite_jax.routing import combine_slots, move_rows, route_slots, sorted_slot_rows
+from granite_jax.routing import combine_slots, move_rows, route_slots, slot_rows
 
 TRANSPORTS = ("all_to_all", "ragged_all_to_all")
 
@@ -169,7 +169,7 @@ def _per_device(x_TD, top_idx_TK, top_w_TK, w_in_XD2F, w_out_XFD, *, plan: Plan,
     recv_P = jnp.sum(recv_counts_PX, axis=1)
 
     # 3-5.
-    x_SD = sorted_slot_rows(x_TD, K, order_S, position_S)
+    x_SD = slot_rows(x_TD, K, order_S, position_S)
     if plan.transport == "all_to_all":
         recv_RD, recv_off_P, send_back = _padded(x_SD, dest_S, send_P, send_off_P, cap, plan.ep_axes)
     else:

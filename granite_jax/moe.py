@@ -21,7 +21,7 @@ from flax import nnx
 from granite_jax import expert_parallel
 from granite_jax.mlp import swiglu
 from granite_jax.params import normal, param
-from granite_jax.routing import combine_slots, move_rows, route_slots, sorted_slot_rows
+from granite_jax.routing import combine_slots, move_rows, route_slots, slot_rows
 
 
 def dense_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
@@ -36,7 +36,7 @@ def ragged_dot_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     """(token, expert) slots in expert order, one `ragged_dot` per projection, moved back and combined: dropless."""
     E, D, _, F = w_in_ED2F.shape
     sizes_E, order_S, position_S = route_slots(top_idx_TK, E)
-    x_SD = sorted_slot_rows(x_TD, top_idx_TK.shape[1], order_S, position_S)
+    x_SD = slot_rows(x_TD, top_idx_TK.shape[1], order_S, position_S)
     h_S2F = jax.lax.ragged_dot(x_SD, w_in_ED2F.reshape(E, D, 2 * F), sizes_E).reshape(-1, 2, F)
     out_SD = jax.lax.ragged_dot(swiglu(h_S2F), w_out_EFD, sizes_E)
     return combine_slots(move_rows(out_SD, position_S, order_S), top_w_TK)
@@ -65,7 +65,7 @@ def blocked_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     shift_E = jnp.append(pad_end_E - padded_E - (jnp.cumsum(rows_E) - rows_E), R)  # padded minus unpadded start
     row_S = position_S + shift_E[top_idx_TK.reshape(-1)]  # >= R (out of range: no row) for no-expert slots
     slot_R = jnp.full((R,), S, row_S.dtype).at[row_S].set(jnp.arange(S, dtype=row_S.dtype), mode="drop")
-    x_NBD = move_rows(jnp.repeat(x_TD, K, axis=0), slot_R, row_S).reshape(n_blocks, bk, D)
+    x_NBD = slot_rows(x_TD, K, slot_R, row_S).reshape(n_blocks, bk, D)
     expert_N = jnp.minimum(jnp.searchsorted(pad_end_E, jnp.arange(n_blocks) * bk, side="right"), E - 1)
     h_NB2F = jnp.einsum("nbd,ndf->nbf", x_NBD, w_in_ED2F.reshape(E, D, 2 * F)[expert_N]).reshape(n_blocks, bk, 2, F)
     y_RD = jnp.einsum("nbf,nfd->nbd", swiglu(h_NB2F), w_out_EFD[expert_N]).reshape(R, D)

@@ -47,9 +47,10 @@ def _move_rows_bwd(maps, g_MD):
 move_rows.defvjp(_move_rows_fwd, _move_rows_bwd)
 
 
-def sorted_slot_rows(x_TD, top_k: int, order_S, position_S):
-    """[S, D]: each token's row once per slot, in expert order (`route_slots`)."""
-    return move_rows(jnp.repeat(x_TD, top_k, axis=0), order_S, position_S)
+def slot_rows(x_TD, top_k: int, src, dst):
+    """Each token's row once per slot (slot t*K + k), moved by the one-to-one map (src, dst) of `move_rows`: with
+    `route_slots`' (order_S, position_S), the [S, D] rows in expert order."""
+    return move_rows(jnp.repeat(x_TD, top_k, axis=0), src, dst)
 
 
 def combine_slots(y_SD, top_w_TK):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from granite_jax.routing import combine_slots, move_rows, route_slots, sorted_slot_rows
+from granite_jax.routing import combine_slots, move_rows, route_slots, slot_rows
 
 
 @pytest.mark.parametrize("tokens, experts, top_k, padding", [(37, 8, 2, 0), (64, 72, 10, 0), (50, 6, 3, 11)])
@@ -45,7 +45,7 @@ def test_sorted_rows_and_combine_undo_each_other():
     w = jnp.asarray(rng.random((T, K)), jnp.float32)
     x = jnp.asarray(rng.normal(size=(T, D)), jnp.float32)
     _, order, position = route_slots(idx, E)
-    x_sorted = sorted_slot_rows(x, K, order, position)
+    x_sorted = slot_rows(x, K, order, position)
     np.testing.assert_array_equal(x_sorted, np.asarray(x)[np.asarray(order) // K])
     y = combine_slots(move_rows(x_sorted, position, order), w)
     np.testing.assert_allclose(y, np.asarray(x) * np.asarray(w).sum(1, keepdims=True), rtol=1e-6)
