@@ -1,6 +1,7 @@
 """Grouped-query attention without positional encoding (or RoPE), scale `attention_multiplier`, causal within each
-packed document, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU); with the sequence sharded over
-the `context` mesh axis, through `context_parallel.attention` (all-gathered or ring-passed keys, blockwise)."""
+packed document, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU) or, on CPU, the flash-style
+`blockwise_attention`; with the sequence sharded over the `context` mesh axis, through `context_parallel.attention`
+(all-gathered or ring-passed keys, blockwise)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from granite_jax import context_parallel
+from granite_jax import blockwise_attention, context_parallel
 from granite_jax.params import constant, normal, param
 
 
@@ -20,6 +21,18 @@ def rope(x_BLNH, positions_BL, theta: float):
     cos, sin = jnp.cos(angles_BLH)[:, :, None, :], jnp.sin(angles_BLH)[:, :, None, :]
     x1, x2 = x_BLNH[..., :half].astype(jnp.float32), x_BLNH[..., half:].astype(jnp.float32)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BLNH.dtype)
+
+
+# Query/key block of the blockwise attention on one device: on CPU 256 ran fastest of 128/256/512 at 1K-4K tokens
+# (experiments/benchmarks/attention_bench.py).
+BLOCK = 256
+
+
+def resolve_attention_impl(impl: str) -> str:
+    """"auto" is "blockwise" on CPU (XLA:CPU's dot_product_attention materialises the scores) and "xla" elsewhere."""
+    if impl != "auto":
+        return impl
+    return "blockwise" if jax.default_backend() == "cpu" else "xla"
 
 
 def document_causal_mask(segment_ids_BL):
@@ -37,6 +50,7 @@ class Attention(nnx.Module):
         self.dtype, self.scale = jnp.dtype(cfg.dtype), cfg.attention_multiplier
         self.rope_theta = cfg.rope_theta if cfg.use_rope else None
         self.context_attention = cfg.context_attention
+        self.impl = cfg.attention_impl
         self.q_proj = param(rngs, init, (H, N, hd), ("embed", "q_heads", "head_dim"), pd)
         self.k_proj = param(rngs, init, (H, K, hd), ("embed", "kv_heads", "head_dim"), pd)
         self.v_proj = param(rngs, init, (H, K, hd), ("embed", "kv_heads", "head_dim"), pd)
@@ -65,6 +79,9 @@ class Attention(nnx.Module):
         if context_parallel.context_size() > 1:
             out_BLNH = context_parallel.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, scale=self.scale,
                                                   strategy=self.context_attention)
+        elif resolve_attention_impl(self.impl) == "blockwise":
+            out_BLNH = blockwise_attention.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, scale=self.scale,
+                                                     block=BLOCK)
         else:
             out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH,
                                                     mask=document_causal_mask(segment_ids_BL), scale=self.scale)

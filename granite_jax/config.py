@@ -24,6 +24,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 CONTEXT_ATTENTION = ("all_gather", "ring")
+ATTENTION_IMPLS = ("auto", "xla", "blockwise")
 # How routed tokens reach their experts (docs/moe.md): "auto" = all-to-all expert parallelism when the mesh shards the
 # experts (ragged on TPU/GPU, padded on CPU), else each device's own tokens through all experts; "local" = one grouped
 # matmul over the global token array, partitioned by GSPMD.
@@ -91,6 +92,9 @@ class ModelConfig:
     ssd_impl: str = "auto"
     ssd_interpret: bool = False  # run a Pallas SSD kernel in interpret mode (CPU tests)
     moe_impl: str = "auto"  # grouped matmul of the routed experts
+    # One device's attention: "xla" is jax.nn.dot_product_attention (cuDNN's fused kernel on GPU), "blockwise" the
+    # flash-style loop of granite_jax.blockwise_attention; "auto" is blockwise on CPU, xla elsewhere.
+    attention_impl: str = "auto"
     moe_dispatch: str = "auto"  # token dispatch to experts sharded over the `expert` mesh axis
     router_z_loss_coef: float = 0.0
     remat: str = "none"  # activation rematerialisation per layer: "none" | "full" | "dots"
@@ -203,6 +207,8 @@ class ModelConfig:
             fail("ssd_impl", self.ssd_impl, f"must be one of {SSD_IMPLS}")
         if self.moe_impl not in MOE_IMPLS:
             fail("moe_impl", self.moe_impl, f"must be one of {MOE_IMPLS}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            fail("attention_impl", self.attention_impl, f"must be one of {ATTENTION_IMPLS}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             fail("moe_dispatch", self.moe_dispatch, f"must be one of {MOE_DISPATCHES}")
         if self.remat not in ("none", "full", "dots"):
@@ -286,7 +292,7 @@ class ModelConfig:
         return d
 
 
-_FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "moe_dispatch",
+_FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "attention_impl", "moe_dispatch",
                      "router_z_loss_coef", "remat", "context_attention",
                      "logits_chunk_tokens"}
 
