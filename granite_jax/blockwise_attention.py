@@ -173,8 +173,8 @@ def attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, *, scale: float, block: in
     block = min(block, L)
     pad = -L % block
     if pad:
-        widen = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
-        q_BLNH, k_BLKH, v_BLKH, segment_ids_BL = map(widen, (q_BLNH, k_BLKH, v_BLKH, segment_ids_BL))
+        q_BLNH, k_BLKH, v_BLKH, segment_ids_BL = (jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+                                                  for a in (q_BLNH, k_BLKH, v_BLKH, segment_ids_BL))
     pos = jnp.arange(L + pad)
     out = blockwise_attention(grouped(q_BLNH, k_BLKH.shape[2]), k_BLKH, v_BLKH, segment_ids_BL, segment_ids_BL, pos,
                               pos, float(scale), block)

@@ -292,9 +292,8 @@ class ModelConfig:
         return d
 
 
-_FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "attention_impl", "moe_dispatch",
-                     "router_z_loss_coef", "remat", "context_attention",
-                     "logits_chunk_tokens"}
+_FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "attention_impl",
+                     "moe_dispatch", "router_z_loss_coef", "remat", "context_attention", "logits_chunk_tokens"}
 
 
 def _json_float(v) -> float:

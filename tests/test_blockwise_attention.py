@@ -1,6 +1,7 @@
 """The flash-style blockwise attention (granite_jax/blockwise_attention.py) against XLA's
-`jax.nn.dot_product_attention` with a document-causal mask: values and the gradients of q, k and v through the custom
-VJP, with packed documents, grouped queries, several blocks skipped, and lengths that are not a multiple of the block."""
+`jax.nn.dot_product_attention` with a document-causal mask: values and the gradients of q, k and v through the
+custom VJP, with packed documents, grouped queries, several blocks skipped, and lengths that are not a multiple of
+the block."""
 
 import jax
 import jax.numpy as jnp
