@@ -4,6 +4,7 @@ granite-jax vs transformers' PyTorch GraniteMoeHybridForCausalLM on the same wei
     python experiments/benchmarks/model_bench.py [--preset bench-hybrid-20m] [--seq-len 1024] [--batch 1] [--iters 5]
     python experiments/benchmarks/model_bench.py --dtype bfloat16   # bf16 compute vs PyTorch under bf16 autocast
     python experiments/benchmarks/model_bench.py --profile          # also: where our step's time goes, by source op
+    python experiments/benchmarks/model_bench.py --set num_local_experts=0 --set num_experts_per_tok=0  # a cut model
 
 It also prints the step's floor on this machine: the model FLOPs of a training step (`granite_jax.flops`, matmuls and
 the SSD/attention contractions) at the rate this machine multiplies matrices of the model's width in the compute
@@ -17,6 +18,7 @@ Ours is compiled with the XLA options the framework's own steps use (`granite_ja
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import functools
 import gzip
@@ -96,9 +98,11 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     parser.add_argument("--profile", action="store_true", help="print our step's time per source operation")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a ModelConfig field of the preset, e.g. --set num_local_experts=0 (repeatable)")
     args = parser.parse_args()
 
-    cfg = preset(args.preset)
+    cfg = preset(args.preset, **{k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.set)})
     torch.manual_seed(0)
     ref = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(**cfg.to_hf()))
     ids_np = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))
@@ -136,7 +140,7 @@ def main() -> None:
     def torch_step():
         ref.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            out = ref(ids_t, labels=ids_t)
+            out = ref(ids_t, labels=ids_t, use_cache=False)  # transformers' cache fails on all-Mamba models
         out.loss.backward()
 
     torch_step()
@@ -144,7 +148,8 @@ def main() -> None:
 
     total, active = param_count(cfg)
     tokens = args.batch * args.seq_len
-    print(f"{args.preset}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), batch {args.batch} x "
+    cut = "".join(f" --set {item}" for item in args.set)
+    print(f"{args.preset}{cut}: {total / 1e6:.1f}M params ({active / 1e6:.1f}M active), batch {args.batch} x "
           f"{args.seq_len}, {args.dtype} compute, jax {jax.__version__} ({jax.default_backend()}), "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print("| implementation | fwd+bwd (s) | tokens/s |\n|---|---|---|")
