@@ -29,7 +29,8 @@ BLOCK = 256
 
 
 def resolve_attention_impl(impl: str) -> str:
-    """"auto" is "blockwise" on CPU (XLA:CPU's dot_product_attention materialises the scores) and "xla" elsewhere."""
+    """The attention `impl` name: "auto" is "blockwise" on CPU (XLA:CPU's dot_product_attention materialises the
+    scores) and "xla" elsewhere."""
     if impl != "auto":
         return impl
     return "blockwise" if jax.default_backend() == "cpu" else "xla"
