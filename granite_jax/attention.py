@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from granite_jax import blockwise_attention, context_parallel
+from granite_jax.config import resolve_auto
 from granite_jax.params import constant, normal, param
 
 
@@ -26,14 +27,6 @@ def rope(x_BLNH, positions_BL, theta: float):
 # Query/key block of the blockwise attention on one device: on CPU 256 ran fastest of 128/256/512 at 1K-4K tokens
 # (experiments/benchmarks/attention_bench.py).
 BLOCK = 256
-
-
-def resolve_attention_impl(impl: str) -> str:
-    """The attention `impl` name: "auto" is "blockwise" on CPU (XLA:CPU's dot_product_attention materialises the
-    scores) and "xla" elsewhere."""
-    if impl != "auto":
-        return impl
-    return "blockwise" if jax.default_backend() == "cpu" else "xla"
 
 
 def document_causal_mask(segment_ids_BL):
@@ -80,7 +73,7 @@ class Attention(nnx.Module):
         if context_parallel.context_size() > 1:
             out_BLNH = context_parallel.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, scale=self.scale,
                                                   strategy=self.context_attention)
-        elif resolve_attention_impl(self.impl) == "blockwise":
+        elif resolve_auto("attention_impl", self.impl) == "blockwise":
             out_BLNH = blockwise_attention.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, scale=self.scale,
                                                      block=BLOCK)
         else:

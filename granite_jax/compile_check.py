@@ -32,12 +32,7 @@ def compile_train_step(cfg, topology: str) -> dict:
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     model_cfg = train.validate(cfg, len(devices))
-    changes = {}
-    if model_cfg.ssd_impl == "auto":
-        changes["ssd_impl"] = "pallas_tpu"
-    if model_cfg.moe_impl == "auto" and model_cfg.has_experts:
-        changes["moe_impl"] = "ragged_dot"
-    model_cfg = model_cfg.replace(**changes)
+    model_cfg = model_cfg.for_platform("tpu")  # "auto" kernels as on the pod, not as on this machine
     t = cfg.train
     tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.schedule, total_steps=t.steps,
                                         tokens_per_step=t.batch_size * t.seq_len)
@@ -69,7 +64,8 @@ def compile_train_step(cfg, topology: str) -> dict:
     return {"topology": topology, "devices": len(devices), "mesh": dict(mesh.shape), "model": {
         "layers": model_cfg.num_hidden_layers, "hidden_size": model_cfg.hidden_size,
         "experts": model_cfg.num_local_experts, "ssd_impl": model_cfg.ssd_impl, "moe_impl": model_cfg.moe_impl,
-        "dtype": model_cfg.dtype, "remat": model_cfg.remat},
+        "attention_impl": model_cfg.attention_impl, "layer_loop": model_cfg.layer_loop, "dtype": model_cfg.dtype,
+        "remat": model_cfg.remat},
         "batch_size": t.batch_size, "seq_len": t.seq_len, "lower_s": t1 - t0, "compile_s": t2 - t1,
         "peak_bytes_per_device": peak, "hbm_bytes_per_device": hbm, "fits": None if hbm is None else peak <= hbm,
         **figures}

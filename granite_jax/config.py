@@ -25,6 +25,7 @@ SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 CONTEXT_ATTENTION = ("all_gather", "ring")
 ATTENTION_IMPLS = ("auto", "xla", "blockwise")
+LAYER_LOOPS = ("auto", "scan", "unroll")
 # How routed tokens reach their experts (docs/moe.md): "auto" = all-to-all expert parallelism when the mesh shards the
 # experts (ragged on TPU/GPU, padded on CPU), else each device's own tokens through all experts; "local" = one grouped
 # matmul over the global token array, partitioned by GSPMD.
@@ -95,6 +96,10 @@ class ModelConfig:
     # One device's attention: "xla" is jax.nn.dot_product_attention (cuDNN's fused kernel on GPU), "blockwise" the
     # flash-style loop of granite_jax.blockwise_attention; "auto" is blockwise on CPU, xla elsewhere.
     attention_impl: str = "auto"
+    # The layers inside one period of the layer pattern: "scan" runs each run of equal layer types as a `lax.scan`,
+    # "unroll" calls them one by one (autodiff then keeps each layer's residuals as they are instead of stacking them,
+    # and the HLO grows with the period, not the depth); "auto" is unroll on CPU, scan elsewhere.
+    layer_loop: str = "auto"
     moe_dispatch: str = "auto"  # token dispatch to experts sharded over the `expert` mesh axis
     router_z_loss_coef: float = 0.0
     remat: str = "none"  # activation rematerialisation per layer: "none" | "full" | "dots"
@@ -146,6 +151,11 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+    def for_platform(self, platform: str) -> "ModelConfig":
+        """This config with each "auto" kernel and loop choice replaced by what the model picks on `platform`
+        ("cpu", "gpu", "tpu"). An ahead-of-time compile for another platform than this process's needs it."""
+        return self.replace(**{field: resolve_auto(field, getattr(self, field), platform) for field in AUTO_CHOICES})
 
     # Validation ----------------------------------------------------------------------------------------------
     def validate(self) -> None:
@@ -209,6 +219,8 @@ class ModelConfig:
             fail("moe_impl", self.moe_impl, f"must be one of {MOE_IMPLS}")
         if self.attention_impl not in ATTENTION_IMPLS:
             fail("attention_impl", self.attention_impl, f"must be one of {ATTENTION_IMPLS}")
+        if self.layer_loop not in LAYER_LOOPS:
+            fail("layer_loop", self.layer_loop, f"must be one of {LAYER_LOOPS}")
         if self.moe_dispatch not in MOE_DISPATCHES:
             fail("moe_dispatch", self.moe_dispatch, f"must be one of {MOE_DISPATCHES}")
         if self.remat not in ("none", "full", "dots"):
@@ -292,8 +304,30 @@ class ModelConfig:
         return d
 
 
+# What "auto" means for each kernel and loop choice, per platform; the measurements behind each are in
+# docs/benchmarks.md. For the SSD on GPU "auto" stays: `pallas_kernels.ssd` takes its Pallas kernel when it imports.
+AUTO_CHOICES = {
+    "attention_impl": {"cpu": "blockwise", "gpu": "xla", "tpu": "xla"},
+    "moe_impl": {"cpu": "blocked", "gpu": "ragged_dot", "tpu": "ragged_dot"},
+    "layer_loop": {"cpu": "unroll", "gpu": "scan", "tpu": "scan"},
+    "ssd_impl": {"cpu": "xla", "gpu": "auto", "tpu": "pallas_tpu"},
+}
+
+
+def resolve_auto(field: str, value: str, platform: str | None = None) -> str:
+    """`value` of the choice `field` (a key of AUTO_CHOICES), with "auto" resolved for `platform` (default: JAX's
+    default backend; a backend not in the table gets the GPU choice)."""
+    if value != "auto":
+        return value
+    if platform is None:
+        import jax
+        platform = jax.default_backend()
+    choices = AUTO_CHOICES[field]
+    return choices.get(platform, choices["gpu"])
+
+
 _FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "attention_impl",
-                     "moe_dispatch", "router_z_loss_coef", "remat", "context_attention", "logits_chunk_tokens"}
+                     "layer_loop", "moe_dispatch", "router_z_loss_coef", "remat", "context_attention", "logits_chunk_tokens"}
 
 
 def _json_float(v) -> float:

@@ -2,7 +2,8 @@
 
 Layers are stored stacked and run under `lax.scan`, so compile time does not grow with depth: the layer pattern is cut
 into its shortest repeating period (10 layers for the released models) and each run of equal layer types inside the
-period is one module whose parameters carry a leading `layers` axis of size repeats * run_length.
+period is one module whose parameters carry a leading `layers` axis of size repeats * run_length. Inside the period
+the runs are scans too, or their layers are called one by one (`ModelConfig.layer_loop`, unrolled on CPU).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from granite_jax.attention import Attention
-from granite_jax.config import ModelConfig
+from granite_jax.config import ModelConfig, resolve_auto
 from granite_jax.mamba2 import Mamba2Mixer
 from granite_jax.mlp import SharedMLP
 from granite_jax.moe import MoE, aux_losses
@@ -98,6 +99,7 @@ class LayerStack(nnx.Module):
         self.period, self.runs = layer_pattern(cfg.layer_types)
         self.repeats = cfg.num_hidden_layers // self.period
         self.remat = cfg.remat
+        self.layer_loop = cfg.layer_loop
         with nnx.use_eager_sharding(False):
             self.blocks = nnx.List([_stacked_layers(cfg, run.layer_type, self.repeats * run.length, rngs)
                                     for run in self.runs])
@@ -124,10 +126,12 @@ class LayerStack(nnx.Module):
                 body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
             return body
 
+        unroll = resolve_auto("layer_loop", self.layer_loop) == "unroll"
+
         def one_period(h, period_states):
             stats = []
             for graphdef, state in zip(graphdefs, period_states):
-                h, run_stats = _scan(run_layers(graphdef), h, state)
+                h, run_stats = _scan(run_layers(graphdef), h, state, unroll=unroll)
                 stats.append(run_stats)
             # Concatenating the runs restores layer order within the period.
             return h, jax.tree.map(lambda *s: jnp.concatenate(s, axis=0), *stats)
@@ -136,13 +140,18 @@ class LayerStack(nnx.Module):
         return h_BLD, jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats)  # [layers, ...]
 
 
-def _scan(body, carry, xs):
-    """`jax.lax.scan(body, carry, xs)`, or a plain call when there is one step: a loop of one step still stacks
-    what autodiff saves for the backward pass (a copy per layer on CPU) and is one more loop for TPU compilers."""
-    if jax.tree.leaves(xs)[0].shape[0] != 1:
+def _scan(body, carry, xs, *, unroll: bool = False):
+    """`jax.lax.scan(body, carry, xs)`, or its steps called one by one when `unroll` or when there is one step. A
+    loop of one step still stacks what autodiff saves for the backward pass (a copy per layer on CPU) and is one more
+    loop for TPU compilers."""
+    steps = jax.tree.leaves(xs)[0].shape[0]
+    if steps > 1 and not unroll:
         return jax.lax.scan(body, carry, xs)
-    carry, y = body(carry, jax.tree.map(lambda a: a[0], xs))
-    return carry, jax.tree.map(lambda a: a[None], y)
+    ys = []
+    for i in range(steps):
+        carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
 
 
 def segment_positions(segment_ids_BL):

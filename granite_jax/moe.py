@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from granite_jax import expert_parallel
+from granite_jax.config import resolve_auto
 from granite_jax.mlp import swiglu
 from granite_jax.params import normal, param
 from granite_jax.routing import combine_slots, move_rows, route_slots, slot_rows
@@ -75,13 +76,6 @@ def blocked_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
 EXPERT_FFNS = {"dense": dense_experts, "ragged_dot": ragged_dot_experts, "blocked": blocked_experts}
 
 
-def resolve_moe_impl(impl: str) -> str:
-    """The grouped matmul `impl` names; "auto" is `blocked` on CPU, `ragged_dot` on TPU and GPU."""
-    if impl != "auto":
-        return impl
-    return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
-
-
 class MoE(nnx.Module):
     """Routed experts: logits = x W_router in float32, top-k of the raw logits, softmax over those k.
 
@@ -96,7 +90,7 @@ class MoE(nnx.Module):
     def __init__(self, hidden: int, ffn: int, num_experts: int, top_k: int, *, init_std: float, impl: str,
                  param_dtype, dtype, rngs: nnx.Rngs, dispatch: str = "auto"):
         self.top_k, self.dtype, self.dispatch = top_k, dtype, dispatch
-        self.impl = resolve_moe_impl(impl)
+        self.impl = resolve_auto("moe_impl", impl)
         self.router = param(rngs, normal(init_std), (hidden, num_experts), ("embed", "experts"), param_dtype)
         self.input_linear = param(rngs, normal(init_std), (num_experts, hidden, 2, ffn), self.W_IN_AXES, param_dtype)
         self.output_linear = param(rngs, normal(init_std), (num_experts, ffn, hidden), self.W_OUT_AXES, param_dtype)

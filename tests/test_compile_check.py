@@ -21,7 +21,9 @@ def test_compile_check_reports_memory_for_a_small_config(monkeypatch, capsys):
     assert compile_check.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["devices"] == 4 and result["mesh"]["fsdp"] == 2 and result["mesh"]["expert"] == 2
+    # "auto" resolves for the pod, not for this CPU machine.
     assert result["model"]["ssd_impl"] == "pallas_tpu" and result["model"]["moe_impl"] == "ragged_dot"
+    assert result["model"]["attention_impl"] == "xla" and result["model"]["layer_loop"] == "scan"
     assert 0 < result["argument_size_in_bytes"] < result["peak_bytes_per_device"] and result["fits"]
     assert result["compile_s"] > 0
 

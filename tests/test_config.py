@@ -73,12 +73,21 @@ def test_legacy_rope_theta_and_auto_head_dim():
     (dict(dtype="float64"), r"dtype='float64'"),
     (dict(ssd_impl="cuda"), r"ssd_impl='cuda'"),
     (dict(attention_impl="flash"), r"attention_impl='flash': must be one of \('auto', 'xla', 'blockwise'\)"),
+    (dict(layer_loop="while"), r"layer_loop='while': must be one of \('auto', 'scan', 'unroll'\)"),
     (dict(pad_token_id=100256, vocab_size=1000), r"pad_token_id=100256: must be a token id below vocab_size"),
     (dict(time_step_limit=(0.5, 0.1)), r"time_step_limit"),
 ])
 def test_bad_values_name_field_value_and_rule(changes, match):
     with pytest.raises(ValueError, match=match):
         preset("granite-4.0-h-350m", **{"num_hidden_layers": 4, "layer_types": ("mamba",) * 4, **changes})
+
+
+def test_for_platform_resolves_only_auto_choices():
+    cfg = preset("debug-hybrid-moe", moe_impl="dense")
+    tpu, cpu = cfg.for_platform("tpu"), cfg.for_platform("cpu")
+    assert (tpu.attention_impl, tpu.moe_impl, tpu.layer_loop, tpu.ssd_impl) == ("xla", "dense", "scan", "pallas_tpu")
+    assert (cpu.attention_impl, cpu.moe_impl, cpu.layer_loop, cpu.ssd_impl) == ("blockwise", "dense", "unroll", "xla")
+    assert cfg.for_platform("gpu").ssd_impl == "auto"  # pallas_kernels.ssd takes its GPU kernel when it imports
 
 
 def test_unknown_hf_key_is_an_error():

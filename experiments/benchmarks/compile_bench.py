@@ -34,9 +34,8 @@ def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_l
                  remat: str = "full", pattern: tuple[str, ...] = (), fields: dict | None = None) -> tuple[float, float]:
     """(lower seconds, compile seconds) of jit(value_and_grad(next-token loss)) for the preset cut to n_layers
     (layer types repeating `pattern`, default the preset's own; `fields` replace ModelConfig fields)."""
-    # For a TPU target, "auto" would pick this machine's (CPU) kernels; `fields` may still choose others.
-    kernels = {} if target == "cpu" else {"ssd_impl": "pallas_tpu", "moe_impl": "ragged_dot"}
-    cfg = preset(preset_name, **{**kernels, **(fields or {})})
+    # "auto" choices are resolved for the target, not for this machine.
+    cfg = preset(preset_name, **(fields or {})).for_platform("cpu" if target == "cpu" else "tpu")
     cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(pattern or cfg.layer_types, n_layers),
                       dtype="bfloat16", remat=remat)
     abstract = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))

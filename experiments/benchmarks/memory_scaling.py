@@ -53,8 +53,8 @@ def compile_step(preset_name: str, length: int, topology: str, *, context_attent
     """The compiled train step (a `jax.stages.Compiled`) for `topology`, mesh context = all its chips."""
     from jax.experimental import topologies
 
-    cfg = preset(preset_name, dtype="bfloat16", remat=remat, ssd_impl="pallas_tpu",
-                 context_attention=context_attention, logits_chunk_tokens=logits_chunk)
+    cfg = preset(preset_name, dtype="bfloat16", remat=remat, context_attention=context_attention,
+                 logits_chunk_tokens=logits_chunk).for_platform("tpu")
     devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     mesh = sharding.make_mesh({"context": -1}, devices=devices)
     tx = optax.adamw(3e-4, b1=0.9, b2=0.95, weight_decay=0.1)

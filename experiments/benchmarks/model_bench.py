@@ -109,10 +109,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp)
         ours = hf.from_pretrained(tmp)
-    if args.dtype != "float32":  # the same float32 parameters, bfloat16 compute
-        low = nnx.eval_shape(lambda: GraniteModel(ours.config.replace(dtype=args.dtype), rngs=nnx.Rngs(0)))
-        nnx.update(low, nnx.state(ours))
-        ours = low
+    # The same float32 parameters in a model of the whole config: config.json keeps only the Hugging Face fields, so
+    # the compute dtype and framework fields given with --set (kernels, loops) are set here.
+    full = nnx.eval_shape(lambda: GraniteModel(cfg.replace(dtype=args.dtype), rngs=nnx.Rngs(0)))
+    nnx.update(full, nnx.state(ours))
+    ours = full
 
     # granite-jax: jit(value_and_grad) over all parameters.
     graphdef, state = nnx.split(ours)
