@@ -25,7 +25,7 @@ SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 CONTEXT_ATTENTION = ("all_gather", "ring")
 ATTENTION_IMPLS = ("auto", "xla", "blockwise")
-LAYER_LOOPS = ("auto", "scan", "unroll")
+LAYER_LOOPS = ("auto", "scan", "unroll", "interleave")
 # How routed tokens reach their experts (docs/moe.md): "auto" = all-to-all expert parallelism when the mesh shards the
 # experts (ragged on TPU/GPU, padded on CPU), else each device's own tokens through all experts; "local" = one grouped
 # matmul over the global token array, partitioned by GSPMD.
@@ -96,9 +96,12 @@ class ModelConfig:
     # One device's attention: "xla" is jax.nn.dot_product_attention (cuDNN's fused kernel on GPU), "blockwise" the
     # flash-style loop of granite_jax.blockwise_attention; "auto" is blockwise on CPU, xla elsewhere.
     attention_impl: str = "auto"
-    # The layers inside one period of the layer pattern: "scan" runs each run of equal layer types as a `lax.scan`,
-    # "unroll" calls them one by one (autodiff then keeps each layer's residuals as they are instead of stacking them,
-    # and the HLO grows with the period, not the depth); "auto" is unroll on CPU, scan elsewhere.
+    # The layer loop (granite_jax.model). "scan": within the period of the layer pattern each run of equal layer
+    # types is a `lax.scan`. "unroll": the period's layers are called one by one (autodiff keeps each layer's
+    # residuals as they are instead of stacking them; the HLO grows with the period, not the depth). "interleave"
+    # (needs remat="full"): one scan over all layers of the main type with each other layer under `lax.cond`, so one
+    # loop body per layer type is compiled (faster compiles, one more saved [B, L, D] per layer; docs/benchmarks.md).
+    # "auto" is unroll on CPU, scan elsewhere.
     layer_loop: str = "auto"
     moe_dispatch: str = "auto"  # token dispatch to experts sharded over the `expert` mesh axis
     router_z_loss_coef: float = 0.0
@@ -221,6 +224,9 @@ class ModelConfig:
             fail("attention_impl", self.attention_impl, f"must be one of {ATTENTION_IMPLS}")
         if self.layer_loop not in LAYER_LOOPS:
             fail("layer_loop", self.layer_loop, f"must be one of {LAYER_LOOPS}")
+        if self.layer_loop == "interleave" and self.remat != "full":
+            fail("layer_loop", self.layer_loop, f"needs remat='full' (remat={self.remat!r}): otherwise every step "
+                 "saves the other layer's residuals, zeros where it does not run")
         if self.moe_dispatch not in MOE_DISPATCHES:
             fail("moe_dispatch", self.moe_dispatch, f"must be one of {MOE_DISPATCHES}")
         if self.remat not in ("none", "full", "dots"):

@@ -3,7 +3,8 @@
 Layers are stored stacked and run under `lax.scan`, so compile time does not grow with depth: the layer pattern is cut
 into its shortest repeating period (10 layers for the released models) and each run of equal layer types inside the
 period is one module whose parameters carry a leading `layers` axis of size repeats * run_length. Inside the period
-the runs are scans too, or their layers are called one by one (`ModelConfig.layer_loop`, unrolled on CPU).
+the runs are scans too, or their layers are called one by one (`ModelConfig.layer_loop`, unrolled on CPU), or the
+whole stack is one scan over the main layer type with the other layers under `lax.cond` ("interleave").
 """
 
 from __future__ import annotations
@@ -77,10 +78,47 @@ def layer_pattern(layer_types: tuple[str, ...]) -> tuple[int, tuple[Run, ...]]:
     return period, tuple(runs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Interleave:
+    """The whole stack as one scan over the layers of its main (most frequent) type, each layer of the other type
+    applied under `lax.cond` before the main layer it precedes (after the scan if it is the model's last layer). The
+    stack then compiles one loop body per layer type, whatever the pattern and depth: Granite's period m*5, a, m*4
+    otherwise compiles the Mamba layer twice, once per run."""
+    main_type: str
+    before: tuple[int, ...]  # per main layer: the other layer just before it (its index among the others) or -1
+    trailing: bool  # the model's last layer is of the other type
+    order: tuple[int, ...]  # layer i is main layer order[i] if below len(before), else other layer order[i] - len(before)
+
+
+def interleave_plan(layer_types: tuple[str, ...]) -> Interleave | None:
+    """The Interleave of a stack, or None where it has one layer type or two layers of the other type in a row."""
+    types = sorted(set(layer_types))
+    if len(types) != 2:
+        return None
+    main = max(types, key=layer_types.count)
+    mains = [i for i, t in enumerate(layer_types) if t == main]
+    others = [i for i, t in enumerate(layer_types) if t != main]
+    if any(b == a + 1 for a, b in zip(others, others[1:])):
+        return None
+    before = [-1] * len(mains)
+    for n, i in enumerate(others):
+        if i != len(layer_types) - 1:
+            before[i - n] = n  # i - n main layers come before layer i
+    order = [mains.index(i) if t == main else len(mains) + others.index(i) for i, t in enumerate(layer_types)]
+    return Interleave(main, tuple(before), layer_types[-1] != main, tuple(order))
+
+
 _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def _remat(fn, policy_name: str):
+    """`fn` under `jax.checkpoint` with the remat policy `policy_name`, or `fn` itself for "none"."""
+    if policy_name not in _REMAT_POLICIES:
+        return fn
+    return jax.checkpoint(fn, policy=_REMAT_POLICIES[policy_name])
 
 
 def _stacked_layers(cfg: ModelConfig, layer_type: str, count: int, rngs: nnx.Rngs) -> DecoderLayer:
@@ -96,6 +134,7 @@ def _stacked_layers(cfg: ModelConfig, layer_type: str, count: int, rngs: nnx.Rng
 
 class LayerStack(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.layer_types = cfg.layer_types
         self.period, self.runs = layer_pattern(cfg.layer_types)
         self.repeats = cfg.num_hidden_layers // self.period
         self.remat = cfg.remat
@@ -119,14 +158,19 @@ class LayerStack(nnx.Module):
             graphdefs.append(graphdef)
             states.append(jax.tree.map(lambda a, n=run.length: a.reshape(self.repeats, n, *a.shape[1:]), state))
 
-        def run_layers(graphdef):
+        def layer(graphdef):
             def body(h, layer_state):
                 return nnx.merge(graphdef, layer_state)(h, segment_ids_BL, positions_BL, token_mask_BL)
-            if self.remat in _REMAT_POLICIES:
-                body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat])
             return body
 
-        unroll = resolve_auto("layer_loop", self.layer_loop) == "unroll"
+        def run_layers(graphdef):
+            return _remat(layer(graphdef), self.remat)
+
+        loop = resolve_auto("layer_loop", self.layer_loop)
+        unroll = loop == "unroll"
+        plan = interleave_plan(self.layer_types) if loop == "interleave" else None
+        if plan is not None:
+            return self._interleaved(plan, [run_layers(g) for g in graphdefs], states, h_BLD)
 
         def one_period(h, period_states):
             stats = []
@@ -138,6 +182,40 @@ class LayerStack(nnx.Module):
 
         h_BLD, stats = _scan(one_period, h_BLD, states)
         return h_BLD, jax.tree.map(lambda s: s.reshape(-1, *s.shape[2:]), stats)  # [layers, ...]
+
+    def _interleaved(self, plan: Interleave, bodies, states, h_BLD):
+        """The layer stack as `plan` says; `bodies[j]`(h, one layer's state) runs a layer of run j, `states[j]` are
+        run j's parameters as [repeats, run length, ...]. Each step saves two [B, L, D] inputs for the backward pass
+        (the other layer's under the cond, and the main layer's) where per-run scans save one."""
+        def in_layer_order(is_main):  # one type's layers as [their count, ...], in model order
+            runs = [j for j, run in enumerate(self.runs) if (run.layer_type == plan.main_type) == is_main]
+            joined = jax.tree.map(lambda *a: jnp.concatenate(a, axis=1), *[states[j] for j in runs])
+            return runs[0], jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), joined)
+
+        (main_run, main_states), (other_run, other_states) = in_layer_order(True), in_layer_order(False)
+        main_body, other_body = bodies[main_run], bodies[other_run]
+
+        def other_layer(h, n):
+            return other_body(h, jax.tree.map(lambda a: a[n], other_states))
+
+        no_stats = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(other_layer, h_BLD, 0)[1])
+
+        def step(h, xs):
+            main_state, n = xs
+            h, other_stats = jax.lax.cond(n >= 0, other_layer, lambda h, n: (h, no_stats), h, n)
+            h, main_stats = main_body(h, main_state)
+            return h, (main_stats, other_stats)
+
+        h_BLD, (main_stats, other_stats) = jax.lax.scan(step, h_BLD, (main_states, jnp.asarray(plan.before)))
+        last_stats = []
+        if plan.trailing:
+            h_BLD, stats = other_layer(h_BLD, jax.tree.leaves(other_states)[0].shape[0] - 1)
+            last_stats.append(jax.tree.map(lambda s: s[None], stats))
+        # other_stats holds each other layer at the step it precedes; model order picks main and other rows.
+        at_step = [s for s, n in enumerate(plan.before) if n >= 0]
+        stats = jax.tree.map(lambda m, o, *t: jnp.concatenate([m, o[jnp.asarray(at_step, jnp.int32)], *t])
+                             [jnp.asarray(plan.order)], main_stats, other_stats, *last_stats)
+        return h_BLD, stats
 
 
 def _scan(body, carry, xs, *, unroll: bool = False):

@@ -73,7 +73,8 @@ def test_legacy_rope_theta_and_auto_head_dim():
     (dict(dtype="float64"), r"dtype='float64'"),
     (dict(ssd_impl="cuda"), r"ssd_impl='cuda'"),
     (dict(attention_impl="flash"), r"attention_impl='flash': must be one of \('auto', 'xla', 'blockwise'\)"),
-    (dict(layer_loop="while"), r"layer_loop='while': must be one of \('auto', 'scan', 'unroll'\)"),
+    (dict(layer_loop="while"), r"layer_loop='while': must be one of \('auto', 'scan', 'unroll', 'interleave'\)"),
+    (dict(layer_loop="interleave"), r"layer_loop='interleave': needs remat='full' \(remat='none'\)"),
     (dict(pad_token_id=100256, vocab_size=1000), r"pad_token_id=100256: must be a token id below vocab_size"),
     (dict(time_step_limit=(0.5, 0.1)), r"time_step_limit"),
 ])

@@ -8,7 +8,7 @@ from flax import nnx
 
 from granite_jax import attention
 from granite_jax.config import preset
-from granite_jax.model import GraniteModel, layer_pattern, segment_positions
+from granite_jax.model import GraniteModel, interleave_plan, layer_pattern, segment_positions
 from granite_jax.moe import blocked_experts
 
 
@@ -115,21 +115,44 @@ def test_attention_impls_agree(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_layer_loops_agree():
-    """The layers of a period called one by one (CPU default) and as scans over runs give the same logits, per-layer
-    router statistics and gradients; two repeats of a period with a run of two Mamba layers."""
-    cfg = preset("debug-hybrid-moe", num_hidden_layers=8, layer_types=("mamba", "attention", "mamba", "mamba") * 2)
+def test_interleave_plan():
+    """Granite's m*5, a, m*4 period twice: one scan over the 18 Mamba layers, the attention layers before the
+    Mamba layers 5 and 14; none for two attention layers in a row or for one layer type."""
+    types = (("mamba",) * 5 + ("attention",) + ("mamba",) * 4) * 2
+    plan = interleave_plan(types)
+    assert plan.main_type == "mamba" and not plan.trailing
+    assert [s for s, n in enumerate(plan.before) if n >= 0] == [5, 14] and len(plan.before) == 18
+    assert [plan.order[i] for i in (4, 5, 6, 15)] == [4, 18, 5, 19]
+    assert interleave_plan(("mamba", "attention", "attention", "mamba", "mamba")) is None
+    assert interleave_plan(("mamba",) * 4) is None
+
+
+@pytest.mark.parametrize("period", [
+    ("mamba", "attention", "mamba", "mamba"),  # the attention layer under lax.cond inside the Mamba scan
+    ("mamba", "mamba", "attention"),  # an attention layer that ends the model
+    ("attention", "mamba", "attention", "mamba", "mamba"),  # one that starts it, and two in a period
+    ("mamba", "attention", "attention", "mamba", "mamba"),  # two attention layers in a row: one scan per run
+])
+def test_layer_loops_agree(period):
+    """The layers called one by one (CPU default), as scans over runs, and interleaved (one scan over the Mamba
+    layers, falling back to scans over runs where two attention layers follow each other) give the same logits,
+    per-layer router statistics and gradients; two repeats of the period, full remat."""
+    cfg = preset("debug-hybrid-moe", num_hidden_layers=2 * len(period), layer_types=period * 2, remat="full")
     ids = jax.random.randint(jax.random.key(6), (2, 24), 0, cfg.vocab_size)
-    scan, unroll = (GraniteModel(cfg.replace(layer_loop=loop), rngs=nnx.Rngs(7)) for loop in ("scan", "unroll"))
-    (logits_s, aux_s), (logits_u, aux_u) = scan(ids, return_aux=True), unroll(ids, return_aux=True)
-    assert _rel_err(logits_u, logits_s) <= 1e-6
-    np.testing.assert_allclose(aux_u["expert_load"], aux_s["expert_load"], rtol=1e-6)
+    unroll, *others = (GraniteModel(cfg.replace(layer_loop=loop), rngs=nnx.Rngs(7))
+                       for loop in ("unroll", "scan", "interleave"))
+    logits, aux = unroll(ids, return_aux=True)
 
     def loss(m):
         return jnp.mean(m(ids) ** 2)
 
-    for a, b in zip(jax.tree.leaves(nnx.grad(loss)(unroll)), jax.tree.leaves(nnx.grad(loss)(scan))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    grads = jax.tree.leaves(nnx.grad(loss)(unroll))
+    for other in others:
+        other_logits, other_aux = other(ids, return_aux=True)
+        assert _rel_err(other_logits, logits) <= 1e-6
+        np.testing.assert_allclose(other_aux["expert_load"], aux["expert_load"], rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(nnx.grad(loss)(other)), grads):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("tokens,experts,top_k", [(40, 4, 2), (300, 6, 1), (7, 16, 3)])

@@ -35,9 +35,9 @@ def compile_time(preset_name: str, n_layers: int, target: str, batch: int, seq_l
     """(lower seconds, compile seconds) of jit(value_and_grad(next-token loss)) for the preset cut to n_layers
     (layer types repeating `pattern`, default the preset's own; `fields` replace ModelConfig fields)."""
     # "auto" choices are resolved for the target, not for this machine.
-    cfg = preset(preset_name, **(fields or {})).for_platform("cpu" if target == "cpu" else "tpu")
-    cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(pattern or cfg.layer_types, n_layers),
-                      dtype="bfloat16", remat=remat)
+    cfg = preset(preset_name, **{"dtype": "bfloat16", "remat": remat, **(fields or {})})
+    cfg = cfg.for_platform("cpu" if target == "cpu" else "tpu")
+    cfg = cfg.replace(num_hidden_layers=n_layers, layer_types=_layer_types(pattern or cfg.layer_types, n_layers))
     abstract = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
