@@ -100,8 +100,9 @@ class ModelConfig:
     # types is a `lax.scan`. "unroll": the period's layers are called one by one (autodiff keeps each layer's
     # residuals as they are instead of stacking them; the HLO grows with the period, not the depth). "interleave"
     # (needs remat="full"): one scan over all layers of the main type with each other layer under `lax.cond`, so one
-    # loop body per layer type is compiled (faster compiles, one more saved [B, L, D] per layer; docs/benchmarks.md).
-    # "auto" is unroll on CPU, scan elsewhere.
+    # loop body per layer type is compiled (faster compiles, one more saved [B, L, D] per layer; docs/benchmarks.md);
+    # a pattern with two layers of the other type in a row falls back to "scan". "auto" is unroll on CPU, scan
+    # elsewhere.
     layer_loop: str = "auto"
     moe_dispatch: str = "auto"  # token dispatch to experts sharded over the `expert` mesh axis
     router_z_loss_coef: float = 0.0
@@ -333,7 +334,8 @@ def resolve_auto(field: str, value: str, platform: str | None = None) -> str:
 
 
 _FRAMEWORK_FIELDS = {"param_dtype", "dtype", "ssd_impl", "ssd_interpret", "moe_impl", "attention_impl",
-                     "layer_loop", "moe_dispatch", "router_z_loss_coef", "remat", "context_attention", "logits_chunk_tokens"}
+                     "layer_loop", "moe_dispatch", "router_z_loss_coef", "remat", "context_attention",
+                     "logits_chunk_tokens"}
 
 
 def _json_float(v) -> float:

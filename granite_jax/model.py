@@ -82,12 +82,13 @@ def layer_pattern(layer_types: tuple[str, ...]) -> tuple[int, tuple[Run, ...]]:
 class Interleave:
     """The whole stack as one scan over the layers of its main (most frequent) type, each layer of the other type
     applied under `lax.cond` before the main layer it precedes (after the scan if it is the model's last layer). The
-    stack then compiles one loop body per layer type, whatever the pattern and depth: Granite's period m*5, a, m*4
-    otherwise compiles the Mamba layer twice, once per run."""
+    stack then compiles one loop body per layer type, whatever the depth: Granite's period m*5, a, m*4 otherwise
+    compiles the Mamba layer twice, once per run."""
     main_type: str
     before: tuple[int, ...]  # per main layer: the other layer just before it (its index among the others) or -1
     trailing: bool  # the model's last layer is of the other type
-    order: tuple[int, ...]  # layer i is main layer order[i] if below len(before), else other layer order[i] - len(before)
+    # Layer i is main layer order[i] if that is below len(before), else other layer order[i] - len(before).
+    order: tuple[int, ...]
 
 
 def interleave_plan(layer_types: tuple[str, ...]) -> Interleave | None:
@@ -158,13 +159,10 @@ class LayerStack(nnx.Module):
             graphdefs.append(graphdef)
             states.append(jax.tree.map(lambda a, n=run.length: a.reshape(self.repeats, n, *a.shape[1:]), state))
 
-        def layer(graphdef):
+        def run_layers(graphdef):
             def body(h, layer_state):
                 return nnx.merge(graphdef, layer_state)(h, segment_ids_BL, positions_BL, token_mask_BL)
-            return body
-
-        def run_layers(graphdef):
-            return _remat(layer(graphdef), self.remat)
+            return _remat(body, self.remat)
 
         loop = resolve_auto("layer_loop", self.layer_loop)
         unroll = loop == "unroll"
