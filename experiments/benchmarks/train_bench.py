@@ -21,7 +21,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 
 
-def bench_jax(cfg, tokens: np.ndarray, steps: int) -> float:
+def one_device_train_step(cfg, tokens: np.ndarray):
+    """(step_fn, state, batch): the real train step (`train_step.make_train_step`: loss with the MoE aux losses,
+    global-norm clipping, AdamW) of a model of `cfg` on the first device, and `tokens` [B, L] as one document per
+    row."""
     import jax
 
     from granite_jax import optim, sharding, train_step
@@ -35,6 +38,13 @@ def bench_jax(cfg, tokens: np.ndarray, steps: int) -> float:
     B, L = tokens.shape
     batch = sharding.shard_batch({"tokens": tokens, "segment_ids": np.ones((B, L), np.int32),
                                   "positions": np.tile(np.arange(L, dtype=np.int32), (B, 1))}, mesh)
+    return step_fn, state, batch
+
+
+def bench_jax(cfg, tokens: np.ndarray, steps: int) -> float:
+    import jax
+
+    step_fn, state, batch = one_device_train_step(cfg, tokens)
     t = time.perf_counter()
     state, m = step_fn(state, batch)  # compile
     jax.block_until_ready(m)
