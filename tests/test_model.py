@@ -16,6 +16,21 @@ def _rel_err(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+# The tests call models through nnx.jit: one compile of the whole call is faster than eager op-by-op dispatch.
+def _call(model, ids, **kwargs):
+    return nnx.jit(lambda m, i: m(i, **kwargs))(model, ids)
+
+
+def _outputs_and_grads(model, ids, **kwargs):
+    """(logits, aux, gradient of mean(logits**2) for every parameter), in one compiled call."""
+    def loss(m):
+        logits, aux = m(ids, return_aux=True, **kwargs)
+        return jnp.mean(logits ** 2), (logits, aux)
+
+    (_, (logits, aux)), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
+    return logits, aux, jax.tree.leaves(grads)
+
+
 @pytest.fixture(scope="module")
 def moe_model():
     return GraniteModel(preset("debug-hybrid-moe", mamba_chunk_size=8), rngs=nnx.Rngs(0))
@@ -33,7 +48,7 @@ def test_packed_documents_equal_documents_alone(rope):
     packed = jax.jit(lambda i, s: model(i, segment_ids=s))(ids, seg)[0]
     start = 0
     for doc in docs:
-        alone = model(jnp.asarray(doc)[None])[0]
+        alone = _call(model, jnp.asarray(doc)[None])[0]
         assert _rel_err(packed[start:start + len(doc)], alone) <= 1e-4
         start += len(doc)
 
@@ -88,13 +103,9 @@ def test_moe_impls_agree(impl):
     ids = jax.random.randint(jax.random.key(2), (2, 16), 0, cfg.vocab_size)
     dense = GraniteModel(cfg.replace(moe_impl="dense"), rngs=nnx.Rngs(3))
     other = GraniteModel(cfg.replace(moe_impl=impl), rngs=nnx.Rngs(3))
-    assert _rel_err(other(ids), dense(ids)) <= 1e-5
-
-    def loss(m):
-        return jnp.mean(m(ids) ** 2)
-
-    g_dense, g_other = nnx.grad(loss)(dense), nnx.grad(loss)(other)
-    for a, b in zip(jax.tree.leaves(g_dense), jax.tree.leaves(g_other)):
+    (logits_dense, _, g_dense), (logits_other, _, g_other) = (_outputs_and_grads(m, ids) for m in (dense, other))
+    assert _rel_err(logits_other, logits_dense) <= 1e-5
+    for a, b in zip(g_dense, g_other):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -106,12 +117,10 @@ def test_attention_impls_agree(monkeypatch):
     ids = jax.random.randint(jax.random.key(4), (2, 45), 0, cfg.vocab_size)
     segment_ids = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], [20, 15, 10], axis=1))
     xla, blockwise = (GraniteModel(cfg.replace(attention_impl=impl), rngs=nnx.Rngs(5)) for impl in ("xla", "blockwise"))
-    assert _rel_err(blockwise(ids, segment_ids=segment_ids), xla(ids, segment_ids=segment_ids)) <= 1e-5
-
-    def loss(m):
-        return jnp.mean(m(ids, segment_ids=segment_ids) ** 2)
-
-    for a, b in zip(jax.tree.leaves(nnx.grad(loss)(blockwise)), jax.tree.leaves(nnx.grad(loss)(xla))):
+    (logits_b, _, g_b), (logits_x, _, g_x) = (_outputs_and_grads(m, ids, segment_ids=segment_ids)
+                                              for m in (blockwise, xla))
+    assert _rel_err(logits_b, logits_x) <= 1e-5
+    for a, b in zip(g_b, g_x):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -140,17 +149,12 @@ def test_layer_loops_agree(period):
     ids = jax.random.randint(jax.random.key(6), (2, 24), 0, cfg.vocab_size)
     unroll, *others = (GraniteModel(cfg.replace(layer_loop=loop), rngs=nnx.Rngs(7))
                        for loop in ("unroll", "scan", "interleave"))
-    logits, aux = unroll(ids, return_aux=True)
-
-    def loss(m):
-        return jnp.mean(m(ids) ** 2)
-
-    grads = jax.tree.leaves(nnx.grad(loss)(unroll))
+    logits, aux, grads = _outputs_and_grads(unroll, ids)
     for other in others:
-        other_logits, other_aux = other(ids, return_aux=True)
+        other_logits, other_aux, other_grads = _outputs_and_grads(other, ids)
         assert _rel_err(other_logits, logits) <= 1e-6
         np.testing.assert_allclose(other_aux["expert_load"], aux["expert_load"], rtol=1e-6)
-        for a, b in zip(jax.tree.leaves(nnx.grad(loss)(other)), grads):
+        for a, b in zip(other_grads, grads):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
