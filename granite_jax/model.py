@@ -135,8 +135,9 @@ def _stacked_layers(cfg: ModelConfig, layer_type: str, count: int, rngs: nnx.Rng
 
 class LayerStack(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.layer_types = cfg.layer_types
         self.period, self.runs = layer_pattern(cfg.layer_types)
+        # "auto" never picks "interleave", so the plan is known here; None where the pattern has none (scans run).
+        self.interleave = interleave_plan(cfg.layer_types) if cfg.layer_loop == "interleave" else None
         self.repeats = cfg.num_hidden_layers // self.period
         self.remat = cfg.remat
         self.layer_loop = cfg.layer_loop
@@ -164,11 +165,9 @@ class LayerStack(nnx.Module):
                 return nnx.merge(graphdef, layer_state)(h, segment_ids_BL, positions_BL, token_mask_BL)
             return _remat(body, self.remat)
 
-        loop = resolve_auto("layer_loop", self.layer_loop)
-        unroll = loop == "unroll"
-        plan = interleave_plan(self.layer_types) if loop == "interleave" else None
-        if plan is not None:
-            return self._interleaved(plan, [run_layers(g) for g in graphdefs], states, h_BLD)
+        if self.interleave is not None:
+            return self._interleaved(self.interleave, [run_layers(g) for g in graphdefs], states, h_BLD)
+        unroll = resolve_auto("layer_loop", self.layer_loop) == "unroll"
 
         def one_period(h, period_states):
             stats = []
