@@ -103,21 +103,21 @@ def main() -> None:
         r = measure(cfg, args.batch, args.seq_len, args.steps)
         tokens_s = args.batch * args.seq_len / r["step_s"]
         mfu = flops.mfu(tokens_s, per_token, peak)
-        rows.append((name, cfg, tokens_s, tokens_s * per_token, mfu, r))
+        rows.append({"name": name, "cfg": cfg, "per_token": per_token, "tokens_s": tokens_s,
+                     "rate": tokens_s * per_token, "mfu": mfu, **r})
         print(f"  {name}: {r['step_s']:.3f} s/step (compile {r['compile_s']:.0f} s), loss {r['loss']:.3f}",
               flush=True)
     print("| variant | layers (attention) | params | training GFLOP/token | step (s) | tokens/s | TFLOP/s | MFU "
           "| arguments + temporaries (GB) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for name, cfg, tokens_s, rate, mfu, r in rows:
-        print(f"| {name} | {cfg.num_hidden_layers} ({len(cfg.attention_layer_indices)}) | "
-              f"{param_count(cfg)[0] / 1e9:.2f}B | {flops.model_flops_per_token(cfg, args.seq_len)['training'] / 1e9:.2f} "
-              f"| {r['step_s']:.3f} | {tokens_s:,.0f} | {rate / 1e12:.1f} | "
-              f"{'-' if mfu is None else f'{mfu:.1%}'} | {r['arguments_gb']:.1f} + {r['temporaries_gb']:.1f} |")
-    base_name, _, _, base_rate, _, _ = rows[-1]
-    for name, _, _, rate, _, _ in rows[:-1]:
-        print(f"{name} / {base_name}: {rate / base_rate:.2f}x the achieved FLOP/s")
-
+    for row in rows:
+        cfg, mfu = row["cfg"], row["mfu"]
+        print(f"| {row['name']} | {cfg.num_hidden_layers} ({len(cfg.attention_layer_indices)}) | "
+              f"{param_count(cfg)[0] / 1e9:.2f}B | {row['per_token'] / 1e9:.2f} | {row['step_s']:.3f} | "
+              f"{row['tokens_s']:,.0f} | {row['rate'] / 1e12:.1f} | {'-' if mfu is None else f'{mfu:.1%}'} | "
+              f"{row['arguments_gb']:.1f} + {row['temporaries_gb']:.1f} |")
+    for row in rows[:-1]:
+        print(f"{row['name']} / {rows[-1]['name']}: {row['rate'] / rows[-1]['rate']:.2f}x the achieved FLOP/s")
 
 if __name__ == "__main__":
     main()
