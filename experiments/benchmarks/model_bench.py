@@ -4,11 +4,14 @@ granite-jax vs transformers' PyTorch GraniteMoeHybridForCausalLM on the same wei
     python experiments/benchmarks/model_bench.py [--preset bench-hybrid-20m] [--seq-len 1024] [--batch 1] [--iters 5]
     python experiments/benchmarks/model_bench.py --dtype bfloat16   # bf16 compute vs PyTorch under bf16 autocast
     python experiments/benchmarks/model_bench.py --profile          # also: where our step's time goes, by source op
+    python experiments/benchmarks/model_bench.py --matmuls          # also: the matrix products alone, ours and PyTorch's
     python experiments/benchmarks/model_bench.py --set num_local_experts=0 --set num_experts_per_tok=0  # a cut model
 
 It also prints the step's floor on this machine: the model FLOPs of a training step (`granite_jax.flops`, matmuls and
 the SSD/attention contractions) at the rate this machine multiplies matrices of the model's width in the compute
-dtype (the faster of JAX and PyTorch), as if nothing else took time.
+dtype (the faster of JAX and PyTorch), as if nothing else took time. `--matmuls` measures what the matrix products
+themselves take: each `dot_general` of our step (from its jaxpr) compiled and timed alone, and the self time of
+PyTorch's matmul kernels (mm, bmm, ...) inside its step (`torch.profiler`).
 
 Both compute the mean next-token cross-entropy and its gradient with respect to every parameter from float32
 parameters, in float32 (default) or with bfloat16 compute (ours: `ModelConfig.dtype`; PyTorch: `torch.autocast`).
@@ -18,6 +21,7 @@ Ours is compiled with the XLA options the framework's own steps use (`granite_ja
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ast
 import collections
 import functools
@@ -37,6 +41,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.extend import core as jex_core  # noqa: E402
 
 from granite_jax import hf, xla_options  # noqa: E402
 from granite_jax.config import param_count, preset  # noqa: E402
@@ -90,6 +95,70 @@ def print_profile(step, *args, top: int = 20) -> None:
         print(f"  {us / total:6.1%} {us / 1e3:8.1f} ms  {op}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Matmul:
+    lhs: jax.ShapeDtypeStruct
+    rhs: jax.ShapeDtypeStruct
+    dimension_numbers: tuple
+    preferred_element_type: object
+
+    @property
+    def flops(self) -> int:
+        (_, rhs_contract), (_, rhs_batch) = self.dimension_numbers
+        rhs_free = [n for i, n in enumerate(self.rhs.shape) if i not in rhs_contract and i not in rhs_batch]
+        return 2 * int(np.prod(self.lhs.shape)) * int(np.prod(rhs_free))
+
+
+def step_matmuls(closed_jaxpr) -> tuple[collections.Counter, int]:
+    """(how often each distinct `dot_general` runs in one call of `closed_jaxpr`, counting scan bodies once per step;
+    the number of those under a `lax.cond`, which are left out): the products that surely run."""
+    counts, under_cond = collections.Counter(), 0
+
+    def walk(jaxpr, times):
+        nonlocal under_cond
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond":
+                under_cond += times
+                continue
+            if eqn.primitive.name == "dot_general":
+                lhs, rhs = (jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype) for v in eqn.invars)
+                counts[Matmul(lhs, rhs, eqn.params["dimension_numbers"],
+                              eqn.params["preferred_element_type"])] += times
+            inner = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, (jex_core.ClosedJaxpr, jex_core.Jaxpr)):
+                        walk(getattr(sub, "jaxpr", sub), inner)
+
+    walk(closed_jaxpr.jaxpr, 1)
+    return counts, under_cond
+
+
+def time_matmuls(counts: collections.Counter, iters: int) -> tuple[float, int]:
+    """(seconds, FLOPs) of the products in `counts`, each compiled alone with the framework's XLA options and timed
+    on random operands, times how often it runs."""
+    seconds, flops, key = 0.0, 0, jax.random.key(0)
+    options = xla_options.compiler_options(jax.default_backend())
+    for mm, times in counts.items():
+        dot = jax.jit(functools.partial(jax.lax.dot_general, dimension_numbers=mm.dimension_numbers,
+                                        preferred_element_type=mm.preferred_element_type), compiler_options=options)
+        lhs, rhs = (jax.random.normal(key, a.shape).astype(a.dtype) for a in (mm.lhs, mm.rhs))
+        jax.block_until_ready(dot(lhs, rhs))
+        seconds += times * _median_seconds(lambda: jax.block_until_ready(dot(lhs, rhs)), iters)
+        flops += times * mm.flops
+    return seconds, flops
+
+
+_TORCH_MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::_grouped_mm")
+
+
+def torch_matmul_seconds(step) -> float:
+    """Self CPU time of PyTorch's matrix-product kernels in one call of `step` (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    return sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in _TORCH_MATMULS) / 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="bench-hybrid-20m")
@@ -98,6 +167,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     parser.add_argument("--profile", action="store_true", help="print our step's time per source operation")
+    parser.add_argument("--matmuls", action="store_true",
+                        help="also time the matrix products alone: each of our step's, and PyTorch's inside its step")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a ModelConfig field of the preset, e.g. --set num_local_experts=0 (repeatable)")
     args = parser.parse_args()
@@ -161,6 +232,13 @@ def main() -> None:
     rate = matmul_flops_per_s(tokens, cfg.hidden_size, args.dtype)
     print(f"floor: {step_flops / 1e9:.0f} GFLOP per step at this machine's {args.dtype} matmul rate "
           f"({rate / 1e9:.0f} GFLOP/s) = {step_flops / rate:.3f} s; 2x PyTorch needs {torch_s / 2:.3f} s")
+    if args.matmuls:
+        counts, under_cond = step_matmuls(jax_step.trace(state, ids).jaxpr)
+        mm_s, mm_flops = time_matmuls(counts, args.iters)
+        print(f"matrix products: ours {sum(counts.values())} ({len(counts)} distinct), {mm_flops / 1e9:.0f} GFLOP, "
+              f"each timed alone: {mm_s:.3f} s ({mm_flops / mm_s / 1e9:.0f} GFLOP/s), a lower bound: the products "
+              f"inside {under_cond} lax.cond calls (attention blocks the causal mask may skip) are left out. "
+              f"PyTorch's matmul kernels inside its step (torch.profiler): {torch_matmul_seconds(torch_step):.3f} s")
 
 
 if __name__ == "__main__":
