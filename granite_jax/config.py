@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -422,6 +423,23 @@ def preset(name: str, **overrides) -> ModelConfig:
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
     return ModelConfig(**{**_PRESETS[name], **overrides})
+
+
+def parse_field_overrides(items) -> dict[str, Any]:
+    """ModelConfig field values from "FIELD=VALUE" strings (the benchmark scripts' `--set`): VALUE is read as a
+    Python literal (0, 0.5, None, 'scan', (2, 5)), and as the plain string where it is not one (layer_loop=scan)."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    fields = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in names:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD a ModelConfig field "
+                             f"(e.g. num_local_experts=0)")
+        try:
+            fields[name] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            fields[name] = text
+    return fields
 
 
 # Parameter counting ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from granite_jax.config import ModelConfig, param_count, preset, preset_names
+from granite_jax.config import ModelConfig, param_count, parse_field_overrides, preset, preset_names
 
 # FACTS.md §1: computed by instantiating the reference implementation with these shapes.
 RELEASED_COUNTS = {
@@ -89,6 +89,16 @@ def test_for_platform_resolves_only_auto_choices():
     assert (tpu.attention_impl, tpu.moe_impl, tpu.layer_loop, tpu.ssd_impl) == ("xla", "dense", "scan", "pallas_tpu")
     assert (cpu.attention_impl, cpu.moe_impl, cpu.layer_loop, cpu.ssd_impl) == ("blockwise", "dense", "unroll", "xla")
     assert cfg.for_platform("gpu").ssd_impl == "auto"  # pallas_kernels.ssd takes its GPU kernel when it imports
+
+
+def test_field_overrides_read_literals_and_plain_strings():
+    fields = parse_field_overrides(["num_local_experts=0", "layer_loop=scan", "ssd_impl='xla'",
+                                    "mamba_chunk_size=64", "rope_theta=1e4", "layer_types=('mamba', 'attention')"])
+    assert fields == {"num_local_experts": 0, "layer_loop": "scan", "ssd_impl": "xla", "mamba_chunk_size": 64,
+                      "rope_theta": 1e4, "layer_types": ("mamba", "attention")}
+    for bad in ("mamba_frobnicate=1", "num_local_experts"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_field_overrides([bad])
 
 
 def test_unknown_hf_key_is_an_error():

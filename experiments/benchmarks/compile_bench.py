@@ -11,7 +11,6 @@ libtpu's compiler on this (CPU-only) machine; parameters are sharded FSDP over a
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import time
 
@@ -22,7 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from granite_jax import sharding  # noqa: E402
-from granite_jax.config import preset  # noqa: E402
+from granite_jax.config import parse_field_overrides, preset  # noqa: E402
 from granite_jax.model import GraniteModel  # noqa: E402
 
 
@@ -83,7 +82,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a ModelConfig field, e.g. --set num_local_experts=0 (repeatable)")
     args = parser.parse_args()
-    fields = {k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.set)}
+    fields = parse_field_overrides(args.set)
     pattern = tuple(t for t in args.pattern.split(",") if t)
     print(f"{args.preset} forward+backward, seq {args.seq_len}, remat {args.remat}, target {args.target}, "
           f"jax {jax.__version__}")

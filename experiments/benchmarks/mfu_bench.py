@@ -17,7 +17,6 @@ are printed with it. Needs jax, flax, optax and ml-collections (not grain or arr
 from __future__ import annotations
 
 import argparse
-import ast
 import time
 
 import numpy as np
@@ -84,12 +83,12 @@ def main() -> None:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         raise SystemExit(f"--variants {args.variants!r}: each must be one of {', '.join(VARIANTS)}")
-    fields = {k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.set)}
-
     import jax
 
     from granite_jax import flops
-    from granite_jax.config import param_count
+    from granite_jax.config import param_count, parse_field_overrides
+
+    fields = parse_field_overrides(args.set)
 
     device = jax.devices()[0]
     peak = flops.peak_flops_per_device(device)

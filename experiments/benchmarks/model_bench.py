@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import ast
 import collections
 import functools
 import gzip
@@ -44,7 +43,7 @@ from flax import nnx  # noqa: E402
 from jax.extend import core as jex_core  # noqa: E402
 
 from granite_jax import hf, xla_options  # noqa: E402
-from granite_jax.config import param_count, preset  # noqa: E402
+from granite_jax.config import param_count, parse_field_overrides, preset  # noqa: E402
 from granite_jax.flops import model_flops_per_token  # noqa: E402
 from granite_jax.model import GraniteModel  # noqa: E402
 
@@ -173,7 +172,7 @@ def main() -> None:
                         help="a ModelConfig field of the preset, e.g. --set num_local_experts=0 (repeatable)")
     args = parser.parse_args()
 
-    cfg = preset(args.preset, **{k: ast.literal_eval(v) for k, _, v in (item.partition("=") for item in args.set)})
+    cfg = preset(args.preset, **parse_field_overrides(args.set))
     torch.manual_seed(0)
     ref = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(**cfg.to_hf()))
     ids_np = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.seq_len))
