@@ -24,6 +24,9 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+SOURCE_KEYS = ("name", "path", "weight")
+STAGE_KEYS = ("tokens", "seq_len", "mixture", "batch_size")
+
 
 def default_data_config(sources: Sequence[Mapping] | None = None) -> ml_collections.ConfigDict:
     """A data config with every field at its default; `sources` is a list of {name, path, weight}."""
@@ -78,12 +81,15 @@ class StageSchedule:
     """
 
     def __init__(self, data_cfg, *, batch_size: int, seq_len: int, process_count: int = 1):
+        for i, source in enumerate(data_cfg.sources):
+            _check_keys(source, SOURCE_KEYS, f"sources[{i}]")
         source_names = [s["name"] for s in data_cfg.sources]
-        default_mixture = {s["name"]: float(s.get("weight", 1.0)) for s in data_cfg.sources}
+        default_mixture = {s["name"]: s.get("weight", 1.0) for s in data_cfg.sources}
         specs = data_cfg.stages or [{"tokens": None}]
         stages, step = [], 0
         for i, spec in enumerate(specs):
             spec = dict(spec)
+            _check_keys(spec, STAGE_KEYS, f"stages[{i}]")
             stage_seq_len = int(spec.get("seq_len") or seq_len)
             stage_batch = int(spec.get("batch_size") or batch_size)
             tokens = spec.get("tokens")
@@ -127,16 +133,31 @@ def _check_seq_len(seq_len: int, where: str) -> None:
         raise ValueError(f"{where}: seq_len={seq_len}; a training row needs at least 2 tokens (input and target)")
 
 
+def _check_keys(spec: Mapping, allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:  # a misspelt key would otherwise fall back to its default without a word
+        raise ValueError(f"{where}: unknown keys {unknown}; the allowed keys are {list(allowed)}")
+
+
 def _normalise(weights: dict[str, float], source_names: list[str], where: str) -> dict[str, float]:
     unknown = sorted(set(weights) - set(source_names))
     if unknown:
         raise ValueError(f"{where}: mixture names unknown sources {unknown}; data_cfg.sources has {source_names}")
-    negative = {k: v for k, v in weights.items() if v < 0}
-    if negative:
-        raise ValueError(f"{where}: negative weights {negative}; weights are token shares, use 0 to leave a source out")
-    total = sum(weights.values())
+    bad = {k: v for k, v in weights.items() if not _is_share(v)}
+    if bad:  # an infinite weight would make every share nan or 0
+        raise ValueError(f"{where}: weights {bad} are not finite numbers >= 0; weights are token shares, use 0 to "
+                         "leave a source out")
+    shares = {k: float(v) for k, v in weights.items()}
+    total = sum(shares.values())
     if not total > 0:
         raise ValueError(
             f"{where}: the weights {weights} sum to {total}; give at least one source a positive weight"
         )
-    return {k: v / total for k, v in weights.items() if v > 0}
+    return {k: v / total for k, v in shares.items() if v > 0}
+
+
+def _is_share(weight) -> bool:
+    try:
+        return math.isfinite(float(weight)) and float(weight) >= 0
+    except (TypeError, ValueError):
+        return False

@@ -9,11 +9,15 @@ Layout of a prepared directory `DIR`:
     DIR/manifest.json             the merge of all parts (documents, tokens, files, tokenizer, eos id, skipped records)
 
 Every file is written to a temporary name and renamed into place, so an interrupted run leaves no half shard, and a
-re-run skips each input whose part exists and still matches the input's size, mtime and the tokenizer.
+re-run skips each input whose part exists and still matches the input's path, size and mtime, the tokenizer (eos
+included), --text-field, --text-split and the number of inputs. A run with work to do first deletes manifest.json
+(written again at the end) and the parts of inputs no longer in the list; a part is deleted before its shard is
+replaced. So whenever a run is killed, what is left is either no manifest or a manifest whose parts all hold.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -22,6 +26,7 @@ import os
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -72,12 +77,19 @@ def _known_format(name: str) -> bool:
 
 
 def tokenizer_identity(tokenizer_path: str, eos_token: str) -> dict:
-    """{sha256, vocab_size, eos_token, eos_id, dtype} for a tokenizer.json; ValueError if eos_token is not in its vocab."""
+    """{sha256, vocab_size, eos_token, eos_id, dtype} for a tokenizer.json; ValueError if the file is missing or not a
+    tokenizer, or if eos_token is not in its vocab."""
     from tokenizers import Tokenizer
 
+    if not os.path.isfile(tokenizer_path):
+        raise ValueError(f"--tokenizer {tokenizer_path!r} does not exist; pass the path of a Hugging Face "
+                         "tokenizer.json")
     with open(tokenizer_path, "rb") as f:
         sha256 = hashlib.sha256(f.read()).hexdigest()
-    tok = Tokenizer.from_file(tokenizer_path)
+    try:
+        tok = Tokenizer.from_file(tokenizer_path)
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+        raise ValueError(f"--tokenizer {tokenizer_path!r} is not a Hugging Face tokenizer.json: {e}") from None
     eos_id = tok.token_to_id(eos_token)
     if eos_id is None:
         raise ValueError(
@@ -137,7 +149,7 @@ class ShardWriter:
 
         self.out, self.index, self.identity = out, index, identity
         self.dtype = np.dtype(identity["dtype"]).newbyteorder("<")
-        self.shard_rel = f"shards/{index:06d}.arrayrecord"
+        self.shard_rel = _shard_rel(index)
         self._tmp = os.path.join(out, f"{self.shard_rel}.tmp-{os.getpid()}")
         self._writer = ArrayRecordWriter(self._tmp, ARRAY_RECORD_OPTIONS)
         self.documents = self.tokens = self.max_document_tokens = self.max_token_id = 0
@@ -156,6 +168,9 @@ class ShardWriter:
 
     def close(self, **part) -> dict:
         self._writer.close()
+        # The old part must go before its shard does: killed in between, a re-run would take the new shard for done.
+        part_path = _part_path(self.out, self.index)
+        _remove(part_path)
         os.replace(self._tmp, os.path.join(self.out, self.shard_rel))
         part = {
             "index": self.index,
@@ -169,9 +184,10 @@ class ShardWriter:
             "skipped_examples": [],
             "tokenizer": self.identity,
             "text_field": None,
+            "text_split": None,
             **part,
         }
-        _write_json(os.path.join(self.out, "parts", f"{self.index:06d}.json"), part)
+        _write_json(part_path, part)
         return part
 
 
@@ -187,11 +203,13 @@ def write_token_documents(out: str, shards: Sequence[Sequence], identity: dict) 
     directory and returns its manifest. For synthetic corpora in tests and benchmarks."""
     os.makedirs(os.path.join(out, "shards"), exist_ok=True)
     os.makedirs(os.path.join(out, "parts"), exist_ok=True)
+    inputs = [f"<synthetic {index}>" for index in range(len(shards))]
+    _invalidate(out, _stale_parts(out, inputs, owns=lambda index: True))
     for index, docs in enumerate(shards):
         writer = ShardWriter(out, index, identity)
         for ids in docs:
             writer.write(ids)
-        writer.close(inputs_total=len(shards), input=f"<synthetic {index}>")
+        writer.close(inputs_total=len(shards), input=inputs[index])
     return merge_manifests([out], out)
 
 
@@ -234,13 +252,12 @@ def _prepare_file(task: tuple[int, str, int]) -> dict:
     if texts:
         flush(texts, lines)
     part = writer.close(
-        inputs_total=inputs_total,
+        **_part_settings(options, inputs_total),
         input=path,
         input_size=stat.st_size,
         input_mtime_ns=stat.st_mtime_ns,
         skipped=skipped,
         skipped_examples=examples,
-        text_field=options.text_field,
     )
     _report(0, 0, files=1)
     return part
@@ -253,21 +270,59 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def _part_is_current(out: str, index: int, path: str, identity: dict) -> bool:
-    part_path = os.path.join(out, "parts", f"{index:06d}.json")
+def _part_path(out: str, index: int) -> str:
+    return os.path.join(out, "parts", f"{index:06d}.json")
+
+
+def _shard_rel(index: int) -> str:
+    return f"shards/{index:06d}.arrayrecord"
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):  # another --shard job sharing the directory may be faster
+        os.remove(path)
+
+
+def _part_settings(options: PrepareOptions, inputs_total: int) -> dict:
+    """The options besides the tokenizer that change a part's content (inputs_total: its index's meaning)."""
+    return {"inputs_total": inputs_total, "text_field": options.text_field, "text_split": options.text_split}
+
+
+def _part_is_current(out: str, index: int, path: str, identity: dict, settings: dict) -> bool:
     try:
-        with open(part_path) as f:
-            part = json.load(f)
+        part = _load_part(out, index)
         stat = os.stat(path)
     except (OSError, ValueError):
         return False
-    return (
-        part.get("input") == path
-        and part.get("input_size") == stat.st_size
-        and part.get("input_mtime_ns") == stat.st_mtime_ns
-        and part.get("tokenizer", {}).get("sha256") == identity["sha256"]
-        and os.path.exists(os.path.join(out, part["shard"]))
-    )
+    expected = {"input": path, "input_size": stat.st_size, "input_mtime_ns": stat.st_mtime_ns, "tokenizer": identity,
+                **settings}
+    return all(part.get(k) == v for k, v in expected.items()) and os.path.exists(os.path.join(out, part["shard"]))
+
+
+def _stale_parts(out: str, inputs: Sequence[str], owns) -> list[int]:
+    """Indices of the parts this run `owns(index)` that belong to no current input: left from a run over other files."""
+    stale = []
+    for name in sorted(os.listdir(os.path.join(out, "parts"))):
+        stem = name.removesuffix(".json")
+        if name == stem or not stem.isdigit() or not owns(int(stem)):
+            continue
+        index = int(stem)
+        try:
+            current = index < len(inputs) and _load_part(out, index).get("input") == inputs[index]
+        except (OSError, ValueError):
+            current = False
+        if not current:
+            stale.append(index)
+    return stale
+
+
+def _invalidate(out: str, stale: Sequence[int]) -> None:
+    """Before a run changes anything: deletes manifest.json (a run killed midway leaves none rather than a wrong one),
+    then each stale part before its shard."""
+    _remove(os.path.join(out, "manifest.json"))
+    for index in stale:
+        _remove(_part_path(out, index))
+        _remove(os.path.join(out, _shard_rel(index)))
 
 
 # ---------------------------------------------------------------------------------------------------------- driver
@@ -297,13 +352,17 @@ def prepare(
     identity = tokenizer_identity(options.tokenizer, options.eos_token)
     os.makedirs(os.path.join(options.out, "shards"), exist_ok=True)
     os.makedirs(os.path.join(options.out, "parts"), exist_ok=True)
+
+    settings = _part_settings(options, len(files))
+    mine = [(idx, path, len(files)) for idx, path in enumerate(files) if idx % n == i]
+    todo = [t for t in mine if not _part_is_current(options.out, t[0], t[1], identity, settings)]
+    stale = _stale_parts(options.out, files, owns=lambda idx: idx % n == i)
+    if todo or stale:
+        _invalidate(options.out, stale)
     tok_copy = os.path.join(options.out, "tokenizer.json")
     if os.path.abspath(options.tokenizer) != os.path.abspath(tok_copy):
         shutil.copyfile(options.tokenizer, f"{tok_copy}.tmp-{os.getpid()}")
         os.replace(f"{tok_copy}.tmp-{os.getpid()}", tok_copy)
-
-    mine = [(idx, path, len(files)) for idx, path in enumerate(files) if idx % n == i]
-    todo = [t for t in mine if not _part_is_current(options.out, t[0], t[1], identity)]
     workers = max(1, min(workers or _cpu_count(), len(todo) or 1))
     started = time.perf_counter()
     with _Progress(total=len(mine), done=len(mine) - len(todo), enabled=progress) as bar:
@@ -343,15 +402,16 @@ def _cpu_count() -> int:
 
 
 def _load_part(out: str, index: int) -> dict:
-    with open(os.path.join(out, "parts", f"{index:06d}.json")) as f:
+    with open(_part_path(out, index)) as f:
         return json.load(f)
 
 
 def merge_manifests(dirs: Sequence[str], out: str) -> dict:
     """Combines the manifest parts found in `dirs` into `out/manifest.json` (shard paths relative to `out`).
 
-    Raises ValueError when parts disagree on the tokenizer or when input files are missing (the slices of a
-    `--shard I/N` run that have not finished), naming what to re-run.
+    Raises ValueError, naming what to re-run, when parts disagree on the tokenizer, the text options or the number of
+    input files (they come from runs over different inputs), or when input files are missing (the slices of a
+    `--shard I/N` run that have not finished), left over or prepared twice.
     """
     parts = []
     for d in dirs:
@@ -366,17 +426,29 @@ def merge_manifests(dirs: Sequence[str], out: str) -> dict:
                 parts.append(part)
     if not parts:
         raise ValueError(f"no manifest parts found in {', '.join(dirs)}: nothing was prepared yet")
-    hashes = {p["tokenizer"]["sha256"] for p in parts}
-    if len(hashes) > 1:
-        raise ValueError(f"the parts were prepared with {len(hashes)} different tokenizers; re-run with one tokenizer")
+    rerun = "re-run every `prepare --shard I/N` job with the same --input and options (each redoes only what differs)"
+    for key in ("tokenizer", "text_field", "text_split", "inputs_total"):
+        groups: dict[str, list[int]] = {}
+        for p in parts:
+            value = p.get(key)
+            shown = f"sha256 {value['sha256'][:12]} eos {value['eos_token']!r}" if key == "tokenizer" else repr(value)
+            groups.setdefault(shown, []).append(p["index"])
+        if len(groups) > 1:
+            found = "; ".join(f"{value} (parts {_list(sorted(idx))})" for value, idx in groups.items())
+            raise ValueError(f"the parts disagree on {key}: {found}; they come from different prepare runs: {rerun}, "
+                             f"then merge again")
     parts.sort(key=lambda p: (p["index"], p["input"]))
     total = parts[0]["inputs_total"]
-    missing = sorted(set(range(total)) - {p["index"] for p in parts})
+    counts = Counter(p["index"] for p in parts)
+    extra = sorted(k for k, c in counts.items() if not 0 <= k < total or c > 1)
+    if extra:
+        raise ValueError(f"parts {_list(extra)} lie outside the {total} input files or appear twice (in "
+                         f"{', '.join(dirs)}); delete those directories' stale parts or {rerun}, then merge again")
+    missing = sorted(set(range(total)) - set(counts))
     if missing:
-        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise ValueError(
-            f"{len(missing)} of {total} input files are not prepared yet (indices {shown}); wait for or re-run the "
-            f"`prepare --shard I/N` jobs that own them (file k belongs to shard k % N), then merge again"
+            f"{len(missing)} of {total} input files are not prepared yet (indices {_list(missing)}); wait for or "
+            f"re-run the `prepare --shard I/N` jobs that own them (file k belongs to shard k % N), then merge again"
         )
     skipped: dict[str, int] = {}
     examples: list[dict] = []
@@ -394,6 +466,7 @@ def merge_manifests(dirs: Sequence[str], out: str) -> dict:
         "eos_id": parts[0]["tokenizer"]["eos_id"],
         "dtype": parts[0]["tokenizer"]["dtype"],
         "text_field": parts[0]["text_field"],
+        "text_split": parts[0].get("text_split"),
         "skipped": {
             "total": sum(skipped.values()),
             "counts": dict(sorted(skipped.items())),
@@ -411,6 +484,10 @@ def merge_manifests(dirs: Sequence[str], out: str) -> dict:
         shutil.copyfile(tok_src, tok_dst)
     _write_json(os.path.join(out, "manifest.json"), manifest)
     return manifest
+
+
+def _list(indices: Sequence[int]) -> str:
+    return ", ".join(map(str, indices[:10])) + (" ..." if len(indices) > 10 else "")
 
 
 class _Progress:

@@ -7,12 +7,15 @@ carried into the new stage's packer, so no token is lost or duplicated when seq_
 
 The iterator is a `grain.DatasetIterator`: `get_state()` returns a small JSON-serialisable dict (per-source stream
 positions, the mixer's counters and the (source, document, offset, length) of every piece the packer holds), and
-`set_state()` rebuilds exactly that, so the next batch is the one the saved iterator would have produced. Being a
-grain iterator, it checkpoints with Orbax through grain's checkpoint handler like any grain iterator.
+`set_state()` rebuilds exactly that, so the next batch is the one the saved iterator would have produced. The state
+also holds the settings that stream depends on (`_stream_settings`); a state saved with other settings is refused
+by name. Being a grain iterator, it checkpoints with Orbax through grain's checkpoint handler like any grain iterator.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import zlib
 
 import grain
@@ -22,7 +25,13 @@ from data_pipelines.config import Stage, StageSchedule, open_rows_for
 from data_pipelines.packing import RowPacker
 from data_pipelines.sources import DocumentSource, DocumentStream
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: the fingerprint is the settings dict of `_stream_settings`; 1 (a hash) is still read
+
+log = logging.getLogger(__name__)
+
+
+class StreamMismatch(ValueError):
+    """A saved iterator state belongs to another stream (other settings, or a state version this code cannot read)."""
 
 
 def make_batches(
@@ -81,10 +90,29 @@ class PackedBatchIterator(grain.DatasetIterator):
             )
             for src in self.sources
         ]
-        self._fingerprint = zlib.crc32(repr((names, [s.num_documents for s in self.sources], seed, process_index,
-                                             process_count, [(st.seq_len, st.batch_size, st.num_steps)
-                                                             for st in self.schedule.stages])).encode())
+        self._fingerprint = self._stream_settings()
         self._reset()
+
+    def _stream_settings(self) -> dict:
+        """Everything the stream's content depends on, by name, as JSON would return it: a state saved under other
+        settings would resume a different stream (another order, mixture or row layout), so set_state compares them."""
+        cfg = self.cfg
+        settings = {
+            "sources": [s.name for s in self.sources],
+            "documents": [s.num_documents for s in self.sources],
+            "seed": self.seed,
+            "process_index": self.process_index,
+            "process_count": self.process_count,
+            "shuffle": bool(cfg.shuffle),
+            "num_epochs": None if cfg.num_epochs is None else int(cfg.num_epochs),
+            "continue_positions": bool(cfg.continue_positions),
+            "pad_id": int(cfg.pad_id),
+        }
+        for st in self.schedule.stages:
+            stage = {"seq_len": st.seq_len, "batch_size": st.batch_size, "num_steps": st.num_steps,
+                     "open_rows": open_rows_for(cfg, st.seq_len), "mixture": st.mixture}
+            settings.update({f"stages[{st.index}].{key}": value for key, value in stage.items()})
+        return json.loads(json.dumps(settings))
 
     def _reset(self) -> None:
         for stream in self._streams:
@@ -154,14 +182,31 @@ class PackedBatchIterator(grain.DatasetIterator):
             "rows": [[list(p) for p in row] for row in self._packer.open_pieces()],
         }
 
+    def _version_1_fingerprint(self) -> int:
+        """The hash that version-1 states hold: of sources, seed, process and stage layout only."""
+        return zlib.crc32(repr(([s.name for s in self.sources], [s.num_documents for s in self.sources], self.seed,
+                                self.process_index, self.process_count,
+                                [(st.seq_len, st.batch_size, st.num_steps) for st in self.schedule.stages])).encode())
+
     def set_state(self, state: dict) -> None:
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')}, this code reads {_STATE_VERSION}")
-        if state["fingerprint"] != self._fingerprint:
-            raise ValueError(
-                "the saved data iterator state belongs to a different stream (sources, seed, process, batch or "
-                "stage layout differ); restore with the data config and arguments the checkpoint was made with"
-            )
+        version = state.get("version")
+        if version == 1 and state["fingerprint"] == self._version_1_fingerprint():
+            log.warning("data iterator state of an older version: its sources, seed, processes and stages match; "
+                        "shuffle, num_epochs, continue_positions, pad_id and the mixtures cannot be checked")
+        elif version == 1:
+            raise StreamMismatch("the saved (version 1) data iterator state belongs to a different stream (sources, "
+                                 "seed, process, batch or stage layout differ); restore with the data config and "
+                                 "arguments the checkpoint was made with")
+        elif version != _STATE_VERSION:
+            raise StreamMismatch(f"data iterator state version {version!r}, this code reads {_STATE_VERSION}; resume "
+                                 "it with the code that saved it, or start the data stream afresh")
+        else:
+            saved, now = state["fingerprint"], self._fingerprint
+            differ = [k for k in {**saved, **now} if saved.get(k) != now.get(k)]
+            if differ:
+                changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+                raise StreamMismatch(f"the saved data iterator state belongs to a different stream ({changes}); "
+                                     "restore with the data config and arguments the checkpoint was made with")
         self._reset()
         for stream, position in zip(self._streams, state["positions"]):
             stream.seek(int(position))

@@ -91,6 +91,54 @@ def test_rerun_skips_finished_shards_and_redoes_changed_inputs(tmp_path, tokeniz
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
+@pytest.mark.parametrize("change", [{"text_field": "body"}, {"text_split": "line"}, {"eos_token": "<|pad|>"}])
+def test_rerun_with_a_changed_option_redoes_the_parts(tmp_path, tokenizer_path, change):
+    _write_corpus(tmp_path / "raw")
+    raw, out = [str(tmp_path / "raw")], str(tmp_path / "out")
+    before = sorted(_documents(out, prepare(raw, PrepareOptions(tokenizer_path, out), workers=1, progress=False)))
+    options = PrepareOptions(tokenizer_path, out, **change)
+    after = prepare(raw, options, workers=1, progress=False)
+    fresh = prepare(raw, PrepareOptions(tokenizer_path, str(tmp_path / "fresh"), **change), workers=1, progress=False)
+    assert sorted(_documents(out, after)) == sorted(_documents(str(tmp_path / "fresh"), fresh)) != before
+    assert (after["text_field"], after["text_split"], after["tokenizer"]["eos_token"]) == (
+        options.text_field, options.text_split, options.eos_token)
+
+
+def test_rerun_over_fewer_inputs_drops_the_others(tmp_path, tokenizer_path):
+    _write_corpus(tmp_path / "raw")
+    out = tmp_path / "out"
+    prepare([str(tmp_path / "raw")], PrepareOptions(tokenizer_path, str(out)), workers=1, progress=False)
+    kept = [str(tmp_path / "raw" / "a.jsonl"), str(tmp_path / "raw" / "c.parquet")]
+    manifest = prepare(kept, PrepareOptions(tokenizer_path, str(out)), workers=1, progress=False)
+    assert [f["input"] for f in manifest["files"]] == kept
+    assert sorted(p.name for p in (out / "parts").iterdir()) == ["000000.json", "000001.json"]
+    assert sorted(p.name for p in (out / "shards").iterdir()) == ["000000.arrayrecord", "000001.arrayrecord"]
+
+
+def test_rerun_after_a_kill_between_shard_and_part_keeps_no_wrong_data(tmp_path, tokenizer_path, monkeypatch):
+    import data_pipelines.prepare as prepare_module
+
+    _write_corpus(tmp_path / "raw")
+    raw, out = [str(tmp_path / "raw")], str(tmp_path / "out")
+    first = prepare(raw, PrepareOptions(tokenizer_path, out), workers=1, progress=False)
+    first_docs = sorted(_documents(out, first))
+    write_json = prepare_module._write_json
+
+    def killed_before_parts(path, obj):
+        if os.sep + "parts" + os.sep in path:
+            raise KeyboardInterrupt("killed after the shard's rename, before its part")
+        write_json(path, obj)
+
+    monkeypatch.setattr(prepare_module, "_write_json", killed_before_parts)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(raw, PrepareOptions(tokenizer_path, out, text_field="body"), workers=1, progress=False)
+    monkeypatch.undo()
+    assert not os.path.exists(os.path.join(out, "manifest.json"))  # the old one no longer matches the shards
+    again = prepare(raw, PrepareOptions(tokenizer_path, out), workers=1, progress=False)
+    assert sorted(_documents(out, again)) == first_docs
+    assert again["skipped"] == first["skipped"]
+
+
 def test_split_run_merges_to_the_whole(tmp_path, tokenizer_path):
     _write_corpus(tmp_path / "raw")
     whole = prepare([str(tmp_path / "raw")], PrepareOptions(tokenizer_path, str(tmp_path / "whole")), workers=1,
@@ -111,13 +159,38 @@ def test_split_run_merges_to_the_whole(tmp_path, tokenizer_path):
     assert sorted(_documents(out, merged)) == sorted(_documents(str(tmp_path / "whole"), whole))
 
 
-def test_missing_eos_token_is_a_clear_error(tmp_path, tokenizer_path):
+def test_merge_refuses_parts_of_different_input_lists(tmp_path, tokenizer_path):
+    from data_pipelines.prepare import merge_manifests
+
+    _write_corpus(tmp_path / "raw")
+    files = [str(tmp_path / "raw" / name) for name in ("a.jsonl", "b.jsonl.gz", "c.parquet")]
+    out = str(tmp_path / "out")
+    prepare(files[::2], PrepareOptions(tokenizer_path, out), workers=1, progress=False)  # a, c: 2 inputs
+    prepare(files, PrepareOptions(tokenizer_path, out), workers=1, shard=(1, 2), progress=False)  # b is input 1 of 3
+    with pytest.raises(ValueError, match=r"disagree on inputs_total: 2 \(parts 0\); 3 \(parts 1\)"):
+        merge_manifests([out], out)
+    prepare(files, PrepareOptions(tokenizer_path, out), workers=1, shard=(0, 2), progress=False)
+    assert [f["input"] for f in merge_manifests([out], out)["files"]] == files
+    twice = str(tmp_path / "twice")
+    prepare(files, PrepareOptions(tokenizer_path, twice), workers=1, shard=(1, 2), progress=False)
+    with pytest.raises(ValueError, match=r"parts 1 lie outside the 3 input files or appear twice"):
+        merge_manifests([out, twice], out)
+
+
+def test_missing_eos_token_or_tokenizer_is_a_clear_error(tmp_path, tokenizer_path, capsys):
     _write_corpus(tmp_path / "raw")
     with pytest.raises(ValueError, match="--eos-token"):
         prepare([str(tmp_path / "raw")], PrepareOptions(tokenizer_path, str(tmp_path / "o"), eos_token="</s>"),
                 workers=1, progress=False)
     assert prepare_main(["--input", str(tmp_path / "nothing*.jsonl"), "--tokenizer", tokenizer_path,
                          "--out", str(tmp_path / "o")]) == 2
+    nope = str(tmp_path / "nope.json")
+    assert prepare_main(["--input", str(tmp_path / "raw"), "--tokenizer", nope, "--out", str(tmp_path / "o")]) == 2
+    assert f"--tokenizer {nope!r} does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a Hugging Face tokenizer.json"):
+        prepare([str(tmp_path / "raw")], PrepareOptions(str(tmp_path / "bad.json"), str(tmp_path / "o")), workers=1,
+                progress=False)
 
 
 def test_two_workers_give_the_same_shards(tmp_path, tokenizer_path):

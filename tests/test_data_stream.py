@@ -1,6 +1,7 @@
 """The packed training stream: completeness, process sharding, determinism, resumption, mixture shares, stages."""
 
 import json
+import re
 import tracemalloc
 from collections import Counter
 
@@ -174,8 +175,43 @@ def test_state_restores_the_exact_continuation(three_sources):
     restored.set_state(state)
     for want, got in zip(expected, (next(restored) for _ in range(6))):
         assert all(np.array_equal(want[k], got[k]) for k in want)
-    with pytest.raises(ValueError, match="different stream"):
+    with pytest.raises(ValueError, match="different stream.*seed: saved 7, now 8"):
         dp.make_batches(cfg, **{**kwargs, "seed": 8}).set_state(state)
+
+
+def test_a_version_1_state_of_the_same_stream_still_resumes(three_sources):
+    cfg = _cfg(*[(n, p, 1.0) for n, (p, _) in three_sources.items()])
+    kwargs = dict(batch_size=2, seq_len=64, seed=3)
+    it = dp.make_batches(cfg, **kwargs)
+    for _ in range(3):
+        next(it)
+    state = {**it.get_state(), "version": 1, "fingerprint": it._version_1_fingerprint()}  # as older code saved it
+    expected = [next(it) for _ in range(3)]
+    restored = dp.make_batches(cfg, **kwargs)
+    restored.set_state(state)
+    for want, got in zip(expected, (next(restored) for _ in range(3))):
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+    with pytest.raises(dp.stream.StreamMismatch, match="version 1"):
+        dp.make_batches(cfg, **{**kwargs, "seed": 4}).set_state(state)
+
+
+@pytest.mark.parametrize("field, value", [("shuffle", False), ("num_epochs", 3), ("continue_positions", False),
+                                          ("pad_id", 5), ("stages[0].mixture", {"web": 1.0})])
+def test_state_from_other_settings_is_refused_by_name(three_sources, field, value):
+    cfg = _cfg(*[(n, p, 1.0) for n, (p, _) in three_sources.items()])
+    cfg.stages = [{"tokens": 4 * 2 * 64}, {"tokens": None}]
+    kwargs = dict(batch_size=2, seq_len=64, seed=0)
+    it = dp.make_batches(cfg, **kwargs)
+    next(it)
+    state = json.loads(json.dumps(it.get_state()))
+    other = cfg.copy_and_resolve_references()
+    if field == "stages[0].mixture":
+        other.stages = [{"tokens": 4 * 2 * 64, "mixture": value}, {"tokens": None}]
+    else:
+        setattr(other, field, value)
+    named = rf"different stream \({re.escape(field)}: saved .*, now {re.escape(repr(value))}\)"
+    with pytest.raises(ValueError, match=named):
+        dp.make_batches(other, **kwargs).set_state(state)
 
 
 def test_packing_at_512k_keeps_memory_to_a_few_rows(tmp_path):
@@ -185,9 +221,10 @@ def test_packing_at_512k_keeps_memory_to_a_few_rows(tmp_path):
     path = _corpus(tmp_path / "long", [rng.integers(1, 60000, n, dtype=np.uint16) for n in lengths], shards=2,
                    vocab_size=60000)
     cfg = _cfg(("a", path, 1.0), num_epochs=1, read_block_tokens=seq_len)
+    make_batches = dp.make_batches  # imports grain now: run alone, the test would otherwise trace ~50 MB of imports
     tracemalloc.start()
     n_tokens = 0
-    for b in dp.make_batches(cfg, batch_size=1, seq_len=seq_len, seed=0):
+    for b in make_batches(cfg, batch_size=1, seq_len=seq_len, seed=0):
         assert b["tokens"].shape == (1, seq_len)
         n_tokens += int((b["segment_ids"] > 0).sum())
     peak = tracemalloc.get_traced_memory()[1]
@@ -209,5 +246,14 @@ def test_bad_configuration_is_explained(short_corpus, tmp_path):
         dp.make_batches(_cfg(("a", short_corpus, 1.0)), **kw, vocab_size=500)
     with pytest.raises(ValueError, match="unknown sources"):
         dp.make_batches(_cfg(("a", short_corpus, 1.0), stages=[{"tokens": None, "mixture": {"b": 1.0}}]), **kw)
+    with pytest.raises(ValueError, match=r"stages\[0\]: unknown keys \['seq_length'\]; the allowed keys are"):
+        dp.make_batches(_cfg(("a", short_corpus, 1.0), stages=[{"tokens": 1000, "seq_length": 32}, {"tokens": None}]),
+                        **kw)
+    with pytest.raises(ValueError, match=r"stages\[0\]: unknown keys \['mixtures'\]"):
+        dp.make_batches(_cfg(("a", short_corpus, 1.0), stages=[{"tokens": None, "mixtures": {"a": 1.0}}]), **kw)
+    with pytest.raises(ValueError, match=r"sources\[0\]: unknown keys \['weigth'\]"):
+        dp.make_batches(dp.default_data_config([{"name": "a", "path": short_corpus, "weigth": 0.5}]), **kw)
+    with pytest.raises(ValueError, match=r"weights \{'a': inf\} are not finite"):
+        dp.make_batches(_cfg(("a", short_corpus, float("inf")), ("b", short_corpus, 1.0)), **kw)
     with pytest.raises(ValueError, match="no manifest.json"):
         dp.make_batches(_cfg(("a", str(tmp_path), 1.0)), **kw)
