@@ -10,7 +10,11 @@ Layout (one directory per saved step, written atomically by Orbax: a step direct
 
 Saves are asynchronous (the train loop goes on while Orbax writes) and keep the last K steps. A step that cannot
 be restored (truncated/corrupt files) is reported, moved to WORKDIR/checkpoints_corrupt/, and the previous one is
-tried, so nothing is lost silently and the run re-saves that step number later.
+tried, so nothing is lost silently and the run re-saves that step number later. With several processes, a step
+counts as restored only when every process restored its part. A checkpoint written by a different model
+architecture, or with a data stream of other settings, is not corrupt: the run stops with `CheckpointMismatch` and
+moves nothing. When checkpoints exist but none can be restored, the run stops too rather than start again from
+step 0.
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from data_pipelines.stream import StreamMismatch
 from granite_jax.config import ModelConfig
+from granite_jax.distributed import every_process_flag
 from granite_jax.optim import path_str
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,10 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
+class CheckpointMismatch(ValueError):
+    """The workdir's checkpoints belong to a different model than the run's config describes."""
+
+
 class Checkpointer:
     """Saves and restores train states (`train_step` layout) with the data iterator and run metadata."""
 
@@ -107,15 +117,51 @@ class Checkpointer:
                                   data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 
-    def restore(self, abstract_state: dict, shardings: dict, data_iterator) -> dict | None:
+    def restore(self, abstract_state: dict, shardings: dict, data_iterator,
+                model_cfg: ModelConfig | None = None) -> dict | None:
         """The latest restorable train state (placed with `shardings`) and the iterator set to its state; None when
-        there is no checkpoint. Unrestorable steps are reported, moved aside, and the previous one is tried."""
-        for step in reversed(self.all_steps()):
+        there is no checkpoint. Unrestorable steps are reported, moved aside, and the previous one is tried.
+
+        Raises CheckpointMismatch when a step was saved by a model whose architecture differs from `model_cfg`,
+        and RuntimeError when there were checkpoints but none could be restored."""
+        steps = self.all_steps()
+        for step in reversed(steps):
+            self._check_architecture(step, model_cfg)
+            error = None
             try:
-                return self._restore_step(step, abstract_state, shardings, data_iterator)
+                state = self._restore_step(step, abstract_state, shardings, data_iterator)
             except Exception as e:  # noqa: BLE001 - any failure to read a checkpoint means: try the previous one
-                self._quarantine(step, e)
+                error = e
+            if all(every_process_flag(error is None)):  # all processes take the same decision
+                return state
+            mismatch = _cause(error, StreamMismatch)
+            if mismatch is not None:
+                raise CheckpointMismatch(f"checkpoint {os.path.join(self.directory, str(step))}: {mismatch}. "
+                                         "Nothing was moved or deleted.") from error
+            self._quarantine(step, error or RuntimeError("another process could not restore its part"))
+        if steps:
+            raise RuntimeError(f"none of the checkpoints {steps} under {self.directory} could be restored; they "
+                               f"were moved to {os.path.join(self.workdir, CORRUPT_DIR)} (errors above). Inspect "
+                               "them; run again to start this workdir from step 0, or use a new --workdir")
         return None
+
+    def _check_architecture(self, step: int, model_cfg: ModelConfig | None) -> None:
+        """Raises CheckpointMismatch when step `step`'s stored model config differs from `model_cfg` in a field of
+        the architecture (the Hugging Face fields). An unreadable config is left to the restore to report."""
+        if model_cfg is None:
+            return
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            stored = model_config_from_meta(meta).to_hf()
+        except Exception:  # noqa: BLE001 - a damaged meta/ is corruption, which the restore reports
+            return
+        wanted = model_cfg.to_hf()
+        differ = sorted(k for k in stored.keys() | wanted.keys() if stored.get(k) != wanted.get(k))
+        if differ:
+            changes = ", ".join(f"{k}: checkpoint {stored.get(k)!r}, config {wanted.get(k)!r}" for k in differ[:5])
+            raise CheckpointMismatch(f"checkpoint {os.path.join(self.directory, str(step))} was saved by a different "
+                                     f"model ({changes}); resume with the run's original model config, or start "
+                                     "the new model in a new --workdir. Nothing was moved or deleted.")
 
     def _restore_step(self, step: int, abstract_state: dict, shardings: dict, data_iterator) -> dict:
         params_abs, rest_abs = _split(_abstract(abstract_state, shardings))
@@ -147,6 +193,13 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+def _cause(error: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """`error` or the first exception of type `kind` in its chain of causes (Orbax may wrap what a handler raised)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def run_meta(model_cfg: ModelConfig, config_dict: dict) -> dict:

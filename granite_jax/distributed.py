@@ -80,3 +80,12 @@ def initialize(args: DistributedArgs) -> None:
     jax.distributed.initialize(**kwargs)
     log.info("jax.distributed initialised (%s): process %d of %d, %d local / %d global devices", launcher,
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def every_process_flag(flag: bool) -> list[bool]:
+    """`flag` as set on each process, in process order (a collective: every process must call it)."""
+    if jax.process_count() == 1:
+        return [bool(flag)]
+    import numpy as np
+    from jax.experimental import multihost_utils
+    return [bool(f) for f in np.ravel(multihost_utils.process_allgather(np.asarray(flag)))]

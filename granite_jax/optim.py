@@ -71,14 +71,14 @@ def path_str(path: Sequence[Any]) -> str:
 def decays(path: str) -> bool:
     """True when the parameter at `path` ('a/b/c') gets weight decay.
 
-    Not decayed: a last component in `NO_DECAY_NAMES` (`bias`, `A_log`, `D`, `dt_bias`) or ending in `_bias`; and
-    norm scales, i.e. a last component `weight`/`scale` inside a module whose name contains "norm" (case-insensitive:
+    Not decayed: a last component in `NO_DECAY_NAMES` (`bias`, `A_log`, `D`, `dt_bias`) or with `bias` among its
+    underscore-separated words (`q_bias`, `conv_bias_x`, `in_bias_z`); and norm scales, i.e. a last component `weight`/`scale` inside a module whose name contains "norm" (case-insensitive:
     `input_layernorm`, `post_attention_layernorm`, the final `norm`, Mamba's gated `norm`). Everything else
     (projections, experts, router, embeddings) is decayed.
     """
     parts = path.split("/")
     name = parts[-1]
-    if name in NO_DECAY_NAMES or name.endswith("_bias"):
+    if name in NO_DECAY_NAMES or "bias" in name.split("_"):
         return False
     return not (name in NORM_PARAM_NAMES and any("norm" in p.lower() for p in parts[:-1]))
 
@@ -155,9 +155,19 @@ def power_lr(n_tokens, *, lr: float, a: float, b: float):
     return jnp.minimum(lr, a * n ** b)
 
 
-def power(step, *, lr: float, a: float, b: float, tokens_per_step: int, warmup_steps: int, total_steps: int,
+def tokens_seen(step, tokens_per_step):
+    """The tokens trained on before `step`: step * tokens_per_step, or, for data stages, `tokens_per_step` as
+    [(first step, tokens per step), ...] (first steps increasing from 0; the last stage runs on)."""
+    stages = [(0, tokens_per_step)] if isinstance(tokens_per_step, int) else list(tokens_per_step)
+    step = jnp.asarray(step, jnp.float32)
+    ends = [first for first, _ in stages[1:]] + [None]
+    steps_in = [jnp.clip(step - first, 0.0, None if end is None else end - first) for (first, _), end in zip(stages, ends)]
+    return sum(float(tokens) * n for (_, tokens), n in zip(stages, steps_in))
+
+
+def power(step, *, lr: float, a: float, b: float, tokens_per_step, warmup_steps: int, total_steps: int,
           decay_fraction: float, min_lr_ratio: float, decay_type: str = "exponential"):
-    """IBM's Power scheduler as a function of the step, with n_tokens = step * tokens_per_step.
+    """IBM's Power scheduler as a function of the step, with n_tokens = `tokens_seen(step, tokens_per_step)`.
 
     Warmup: linear 0 -> power_lr(warmup tokens). Stable: power_lr(n_tokens). Decay tail over the final
     `decay_fraction` of steps, from lr_d = power_lr(tokens at decay start) to `min_lr_ratio*lr_d`:
@@ -165,7 +175,7 @@ def power(step, *, lr: float, a: float, b: float, tokens_per_step: int, warmup_s
     `a` absorbs the paper's batch-size factor (its a*beta); muP makes one (a, b) transfer across model sizes.
     """
     step = jnp.asarray(step, jnp.float32)
-    at = lambda s: power_lr(s * float(tokens_per_step), lr=lr, a=a, b=b)  # noqa: E731
+    at = lambda s: power_lr(tokens_seen(s, tokens_per_step), lr=lr, a=a, b=b)  # noqa: E731
     start = decay_start(total_steps, decay_fraction)
     p = jnp.clip((step - start) / max(total_steps - start, 1), 0.0, 1.0)
     tail = at(start) * (min_lr_ratio ** p if decay_type == "exponential" else 1 - (1 - min_lr_ratio) * p)
@@ -198,8 +208,9 @@ def _number(section, d, key, lo=None, hi=None, lo_open=False, hi_open=False):
     return float(v)
 
 
-def make_schedule(sched_cfg, *, total_steps: int, tokens_per_step: int) -> Callable[[Any], jax.Array]:
-    """step -> learning rate from a schedule config (`default_schedule_config()` keys).
+def make_schedule(sched_cfg, *, total_steps: int, tokens_per_step) -> Callable[[Any], jax.Array]:
+    """step -> learning rate from a schedule config (`default_schedule_config()` keys). `tokens_per_step` is an int,
+    or [(first step, tokens per step), ...] when data stages change the batch (see `tokens_seen`).
 
     `constant`: lr after warmup. `cosine`: `warmup_cosine` (lr, warmup_steps, min_lr_ratio). `wsd`: `wsd`
     (+ decay_fraction, wsd_decay_shape). `power`: `power` (lr is the cap, power_a, power_b, decay_fraction,
@@ -211,8 +222,12 @@ def make_schedule(sched_cfg, *, total_steps: int, tokens_per_step: int) -> Calla
         _fail(s, "name", d["name"], f"must be one of {', '.join(SCHEDULES)}")
     if not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps!r}: must be a positive integer (train.steps)")
-    if not isinstance(tokens_per_step, int) or tokens_per_step < 1:
-        raise ValueError(f"tokens_per_step={tokens_per_step!r}: must be a positive integer (batch_size * seq_len)")
+    stages = [(0, tokens_per_step)] if isinstance(tokens_per_step, int) else list(tokens_per_step)
+    firsts = [first for first, _ in stages]
+    if (not stages or firsts[0] != 0 or firsts != sorted(set(firsts))
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for _, n in stages)):
+        raise ValueError(f"tokens_per_step={tokens_per_step!r}: must be a positive integer (batch_size * seq_len), "
+                         "or [(first step, positive tokens per step), ...] from step 0 on, first steps increasing")
     lr = _number(s, d, "lr", 0.0, lo_open=True)
     min_ratio = _number(s, d, "min_lr_ratio", 0.0, 1.0)
     frac = _number(s, d, "decay_fraction", 0.0, 1.0)
@@ -247,7 +262,7 @@ def make_schedule(sched_cfg, *, total_steps: int, tokens_per_step: int) -> Calla
                               decay_type=d["power_decay_type"])
 
 
-def make_optimizer(opt_cfg, sched_cfg, *, total_steps: int, tokens_per_step: int
+def make_optimizer(opt_cfg, sched_cfg, *, total_steps: int, tokens_per_step
                    ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
     """`(tx, schedule_fn)`: the AdamW chain of the module docstring and its step -> LR function (for logging)."""
     s = "optimizer"
@@ -263,11 +278,12 @@ def make_optimizer(opt_cfg, sched_cfg, *, total_steps: int, tokens_per_step: int
         if ok:
             try:
                 re.compile(rule[0])
-                ok = isinstance(rule[1], (int, float)) and not isinstance(rule[1], bool) and rule[1] >= 0
+                ok = (isinstance(rule[1], (int, float)) and not isinstance(rule[1], bool)
+                      and math.isfinite(rule[1]) and rule[1] >= 0)
             except re.error:
                 ok = False
         if not ok:
-            _fail(s, f"lr_multipliers[{i}]", rule, "must be (path regex, multiplier >= 0), e.g. ('experts', 0.5)")
+            _fail(s, f"lr_multipliers[{i}]", rule, "must be (path regex, finite multiplier >= 0), e.g. ('experts', 0.5)")
     schedule = make_schedule(sched_cfg, total_steps=total_steps, tokens_per_step=tokens_per_step)
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))

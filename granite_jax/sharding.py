@@ -117,6 +117,22 @@ def resolve_mesh_shape(mesh_cfg: Mapping[str, Any], n_devices: int) -> dict[str,
     return sizes
 
 
+def resolve_dcn_shape(sizes: Mapping[str, int], dcn: Mapping[str, int]) -> list[int]:
+    """How many slices/hosts each mesh axis spans (`MESH_AXES` order), from `dcn`; each must divide the axis's
+    total size `sizes[axis]`. Raises ValueError naming the axis otherwise."""
+    dcn = dict(dcn)
+    unknown = sorted(set(dcn) - set(MESH_AXES))
+    if unknown:
+        raise ValueError(f"mesh dcn config has unknown axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
+    shape = []
+    for axis in MESH_AXES:
+        d = dcn.get(axis, 1)
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1 or sizes[axis] % d:
+            raise ValueError(f"mesh dcn.{axis}={d!r}: must be a positive integer dividing mesh.{axis}={sizes[axis]}")
+        shape.append(int(d))
+    return shape
+
+
 def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = None,
               dcn: Mapping[str, int] | None = None) -> Mesh:
     """Builds the 5-axis `Mesh` ('data', 'fsdp', 'tensor', 'expert', 'context').
@@ -130,17 +146,8 @@ def make_mesh(mesh_cfg: Mapping[str, Any], devices: Sequence[Any] | None = None,
     types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     if not dcn or all(v == 1 for v in dict(dcn).values()):
         return jax.make_mesh(tuple(sizes.values()), MESH_AXES, axis_types=types, devices=devices)
-    dcn = dict(dcn)
-    unknown = sorted(set(dcn) - set(MESH_AXES))
-    if unknown:
-        raise ValueError(f"mesh dcn config has unknown axis {unknown[0]!r}; the axes are {', '.join(MESH_AXES)}")
-    dcn_shape, ici_shape = [], []
-    for axis in MESH_AXES:
-        d = dcn.get(axis, 1)
-        if not isinstance(d, (int, np.integer)) or d < 1 or sizes[axis] % d:
-            raise ValueError(f"mesh dcn.{axis}={d!r}: must be a positive integer dividing mesh.{axis}={sizes[axis]}")
-        dcn_shape.append(int(d))
-        ici_shape.append(sizes[axis] // int(d))
+    dcn_shape = resolve_dcn_shape(sizes, dcn)
+    ici_shape = [sizes[axis] // d for axis, d in zip(MESH_AXES, dcn_shape)]
     by_slice = hasattr(devices[0], "slice_index")
     granules = len({getattr(d, "slice_index", None) if by_slice else d.process_index for d in devices})
     if math.prod(dcn_shape) != granules:

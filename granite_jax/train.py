@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import importlib.util
 import logging
 import os
@@ -169,7 +170,7 @@ def validate(cfg, n_devices: int, process_count: int = 1) -> ModelConfig:
     """Checks every section; returns the model config. Raises ValueError naming the offending key."""
     from granite_jax.evaluate import validate_eval_config
     from granite_jax.optim import make_optimizer
-    from granite_jax.sharding import resolve_mesh_shape
+    from granite_jax.sharding import resolve_dcn_shape, resolve_mesh_shape
 
     defaults = default_config()
     for section in cfg:
@@ -194,13 +195,48 @@ def validate(cfg, n_devices: int, process_count: int = 1) -> ModelConfig:
     _int("profile", cfg.profile, "num_steps", 0)
     mesh = dict(cfg.mesh)
     dcn = dict(mesh.pop("dcn", {}))
-    resolve_mesh_shape(mesh, n_devices)
-    unknown = sorted(set(dcn) - set(mesh) - set(defaults.mesh))
-    if unknown:
-        raise ValueError(f"mesh.dcn.{unknown[0]}: unknown axis")
-    make_optimizer(cfg.optimizer, cfg.schedule, total_steps=t.steps, tokens_per_step=t.batch_size * t.seq_len)
+    sizes = resolve_mesh_shape(mesh, n_devices)
+    resolve_dcn_shape(sizes, dcn)
+    _check_stages(cfg, sizes["context"], process_count)
+    make_optimizer(cfg.optimizer, cfg.schedule, total_steps=t.steps,
+                   tokens_per_step=tokens_per_step(cfg, process_count))
     validate_eval_config(cfg)
     return model_config(cfg)
+
+
+def _data_stages(cfg, process_count: int):
+    """[(stage, global rows per step)] of the data stream the run reads (one stage without `data.stages`)."""
+    from data_pipelines.config import StageSchedule
+
+    t = cfg.train
+    feeds = 1 if t.data_feed == "global" else process_count  # processes that each read a share of the batch
+    schedule = StageSchedule(cfg.data, batch_size=t.batch_size // feeds, seq_len=t.seq_len, process_count=feeds)
+    return [(stage, stage.batch_size * feeds) for stage in schedule.stages]
+
+
+def tokens_per_step(cfg, process_count: int) -> list[tuple[int, int]]:
+    """[(first step, global tokens per step)] of each data stage, for the token-based schedules (Power)."""
+    return [(stage.first_step, rows * stage.seq_len) for stage, rows in _data_stages(cfg, process_count)]
+
+
+def _check_stages(cfg, context: int, process_count: int) -> None:
+    """The rules of train.seq_len and train.batch_size hold for every data stage's own seq_len and batch_size too:
+    whole micro-batches per process, and logits chunks that divide each context shard's tokens."""
+    t = cfg.train
+    feed_global = t.data_feed == "global"
+    for stage, rows in _data_stages(cfg, process_count):
+        where = f"data.stages[{stage.index}]" if cfg.data.stages else "train"
+        if rows % (t.grad_accum_steps * process_count):
+            raise ValueError(f"{where}: batch_size={stage.batch_size} per {'step' if feed_global else 'process'} "
+                             f"must give whole micro-batches: {rows} rows per step, a multiple of "
+                             f"train.grad_accum_steps={t.grad_accum_steps} x {process_count} processes")
+        chunk, local = t.logits_chunk_tokens, stage.seq_len // context
+        if stage.seq_len % context:
+            raise ValueError(f"{where}: seq_len={stage.seq_len} must be a multiple of mesh.context={context} (the "
+                             "sequence is split evenly over the context shards)")
+        if 0 < chunk < local and local % chunk:
+            raise ValueError(f"{where}: seq_len={stage.seq_len} over mesh.context={context} gives {local} tokens per "
+                             f"shard, which train.logits_chunk_tokens={chunk} must divide; pick a divisor (or 0)")
 
 
 # The run ----------------------------------------------------------------------------------------------------------
@@ -236,7 +272,7 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
         seed=t.seed, process_index=0 if feed_global else proc, process_count=1 if feed_global else n_proc,
         vocab_size=model_cfg.vocab_size)
     tx, schedule = optim.make_optimizer(cfg.optimizer, cfg.schedule, total_steps=t.steps,
-                                        tokens_per_step=t.batch_size * t.seq_len)
+                                        tokens_per_step=tokens_per_step(cfg, n_proc))
     mesh_cfg = dict(cfg.mesh)
     mesh = sharding.make_mesh(mesh_cfg, dcn=dict(mesh_cfg.pop("dcn")))
     graphdef, abstract = train_step.abstract_state(model_cfg, tx, seed=t.seed)
@@ -245,7 +281,7 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
     evaluator = evaluate.Evaluator.from_config(cfg, model_cfg, graphdef, mesh, abstract_state=abstract)
     ckpt = checkpoint.Checkpointer(workdir, keep=cfg.checkpoint.keep, use_async=cfg.checkpoint["async"])
     meta = checkpoint.run_meta(model_cfg, cfg.to_dict())
-    state = ckpt.restore(abstract, train_step.state_shardings(abstract, mesh), data_it)
+    state = ckpt.restore(abstract, train_step.state_shardings(abstract, mesh), data_it, model_cfg)
     if state is None:
         _, state = train_step.init_state(model_cfg, tx, mesh, seed=t.seed)
     start = int(state["step"])
@@ -256,21 +292,22 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
                    f"{dict(mesh.shape)}, {jax.device_count()} devices, {n_proc} process(es)")
     profiler = metrics.Profiler(os.path.join(workdir, "profile"), cfg.profile.start_step, cfg.profile.num_steps,
                                 enabled=proc == 0)
-    flops_per_token = flops.model_flops_per_token(model_cfg, t.seq_len)["training"]
+    # Per row length: data stages may change seq_len, and attention's FLOPs per token grow with it.
+    flops_per_token = functools.cache(lambda seq_len: flops.model_flops_per_token(model_cfg, seq_len)["training"])
     peak = flops.peak_flops_per_device()
     stop = _StopSignal()
-    pending = None  # (step, metrics on device, data wait, tokens): fetched one step late to keep the device busy
-    last_done = time.perf_counter()
+    # (step, metrics on device, data wait, tokens, row length, eval, start time): fetched one step late to keep the device busy
+    pending = None
     code, step = 0, start
 
-    def finish(entry) -> int:
-        nonlocal last_done
-        done_step, m, data_wait, n_tokens, ev = entry
+    def finish(entry, next_start: float | None) -> int:
+        """Logs a finished step. Its time runs from the start of its data fetch to the start of the next step's
+        (`next_start`; None for the last step: until its metrics arrive), so each step carries its own data wait."""
+        done_step, m, data_wait, n_tokens, seq_len, ev, started = entry
         m = {k: v.item() if v.ndim == 0 else np.round(v.astype(np.float64), 5).tolist()  # per-layer expert load
              for k, v in jax.device_get(m).items()}
         ev = {k: v.item() for k, v in jax.device_get(ev).items()} if ev else {}
-        now = time.perf_counter()
-        step_time, last_done = now - last_done, now
+        step_time = (time.perf_counter() if next_start is None else next_start) - started
         logger.advance(done_step)
         if m["nonfinite_streak"] >= t.nonfinite_max_consecutive:
             logger.message(f"stopping: {m['nonfinite_streak']} updates in a row had a non-finite loss or gradient "
@@ -283,14 +320,14 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
                 "loss": m["loss"], "ce_loss": m["ce_loss"], "load_balancing_loss": m["load_balancing_loss"],
                 "router_z_loss": m["router_z_loss"], "grad_norm": m["grad_norm"], "lr": m["lr"],
                 "tokens_per_s": tps, "tokens_per_s_per_device": tps / jax.device_count(), "step_time_s": step_time,
-                "data_wait_s": data_wait, "mfu": flops.mfu(tps / jax.device_count(), flops_per_token, peak),
+                "data_wait_s": data_wait, "mfu": flops.mfu(tps / jax.device_count(), flops_per_token(seq_len), peak),
                 "skipped_updates": m["nonfinite_total"], "target_tokens": m["tokens"],
                 **{k: v for k, v in m.items() if k.startswith("expert_")}, **ev})
         return 0
 
     try:
         while step < t.steps and code == 0:
-            if _any_process(n_proc, stop.received is not None):
+            if any(distributed.every_process_flag(stop.received is not None)):
                 logger.message(f"{stop.received or 'stop signal'} received: saving a checkpoint at step {step}")
                 break
             t0 = time.perf_counter()
@@ -307,12 +344,13 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
             step += 1
             ev = evaluator(state) if evaluator is not None and evaluator.due(step) else None  # before `state` is donated
             if pending is not None:
-                code = finish(pending)
-            pending = (step, m, data_wait, local["tokens"].size * (1 if feed_global else n_proc), ev)
+                code = finish(pending, t0)
+            pending = (step, m, data_wait, local["tokens"].size * (1 if feed_global else n_proc),
+                       local["tokens"].shape[1], ev, t0)
             if code == 0 and (step % cfg.checkpoint.every_steps == 0):
                 ckpt.save(step, state, data_it, meta)
         if pending is not None and code == 0:
-            code = finish(pending)
+            code = finish(pending, None)
         if code == 0:
             ckpt.save(step, state, data_it, meta)
             ckpt.wait()
@@ -322,15 +360,6 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
         ckpt.close()
         logger.close()
     return code
-
-
-def _any_process(n_proc: int, flag: bool) -> bool:
-    """True when `flag` is set on any process (so all processes stop and checkpoint at the same step)."""
-    if n_proc == 1:
-        return flag
-    import numpy as np
-    from jax.experimental import multihost_utils
-    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,4 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"granite-jax train: invalid config: {e}", file=sys.stderr)
         return 2
-    return run(cfg, args.workdir, progress=False if args.no_progress else None)
+    from granite_jax.checkpoint import CheckpointMismatch
+    try:
+        return run(cfg, args.workdir, progress=False if args.no_progress else None)
+    except CheckpointMismatch as e:
+        print(f"granite-jax train: {e}", file=sys.stderr)
+        return 2

@@ -90,10 +90,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(setup, uninterru
     workdir = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(uninterrupted), str(workdir)], check=True)
     latest = _steps(workdir)[-1]
-    files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / str(latest) / "params") for f in fs]
-    biggest = max(files, key=os.path.getsize)
-    with open(biggest, "r+b") as f:
-        f.truncate(os.path.getsize(biggest) // 2)
+    _truncate_params(workdir, latest)
     open(workdir / "metrics.jsonl", "w").close()
 
     proc = run_train(config, workdir, *OVERRIDES, cache_dir=cache)
@@ -105,6 +102,44 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(setup, uninterru
     reference = losses(uninterrupted)
     assert all(redone[s] == reference[s] for s in redone)
     assert _steps(workdir)[-1] == STEPS
+
+
+def _truncate_params(workdir, step):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(workdir / "checkpoints" / str(step) / "params") for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+
+
+@pytest.mark.slow
+def test_a_different_model_or_data_stream_stops_the_resume_and_moves_nothing(setup, uninterrupted, tmp_path):
+    config, cache = setup
+    workdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(uninterrupted), str(workdir)], check=True)
+    proc = subprocess.run(train_cmd(config, workdir, *OVERRIDES, "--config.model.intermediate_size=48"),
+                          env=subprocess_env(1, cache), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "was saved by a different model (intermediate_size: checkpoint" in proc.stderr
+    assert _steps(workdir) == _steps(uninterrupted) and not os.path.exists(workdir / "checkpoints_corrupt")
+    # The same model reading its data with other settings: the stream's state is refused, nothing moves either.
+    proc = subprocess.run(train_cmd(config, workdir, *OVERRIDES, "--config.data.shuffle=False"),
+                          env=subprocess_env(1, cache), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "different stream (shuffle: saved True, now False)" in proc.stderr, proc.stderr
+    assert _steps(workdir) == _steps(uninterrupted) and not os.path.exists(workdir / "checkpoints_corrupt")
+
+
+@pytest.mark.slow
+def test_when_no_checkpoint_can_be_restored_the_run_stops(setup, uninterrupted, tmp_path):
+    config, cache = setup
+    workdir = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(uninterrupted), str(workdir)], check=True)
+    steps = _steps(workdir)
+    for step in steps:
+        _truncate_params(workdir, step)
+    proc = subprocess.run(train_cmd(config, workdir, *OVERRIDES), env=subprocess_env(1, cache), cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and f"none of the checkpoints {steps}" in proc.stderr, proc.stderr[-3000:]
+    assert len(os.listdir(workdir / "checkpoints_corrupt")) == len(steps) and not _steps(workdir)
 
 
 @pytest.mark.slow

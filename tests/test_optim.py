@@ -65,6 +65,18 @@ def test_power(decay_type):
     jax.jit(f)(jnp.int32(3))  # traceable
 
 
+def test_power_counts_the_tokens_of_each_data_stage():
+    a, b = 4.0, -0.51
+    stages = [(0, 1000), (200, 4000), (600, 500)]  # (first step, tokens per step): a longer-context stage between
+    f = optim.make_schedule(sched(name="power", lr=0.02, power_a=a, power_b=b, warmup_steps=10, decay_fraction=0.1,
+                                  min_lr_ratio=0.05), total_steps=1000, tokens_per_step=stages)
+    for step, tokens in [(100, 100 * 1000), (300, 200 * 1000 + 100 * 4000), (800, 200_000 + 1_600_000 + 200 * 500)]:
+        assert lr_at(f, step) == pytest.approx(a * tokens ** b, rel=1e-5), step
+    jax.jit(f)(jnp.int32(3))
+    with pytest.raises(ValueError, match="tokens_per_step"):
+        optim.make_schedule(sched(name="power"), total_steps=1000, tokens_per_step=[(5, 1000)])
+
+
 @pytest.mark.parametrize("key, value, message", [
     ("name", "step", "schedule.name='step': must be one of"),
     ("lr", 0.0, r"schedule.lr=0.0: must be > 0"),
@@ -84,6 +96,7 @@ def test_optimizer_config_errors():
     for key, value, message in [("b2", 1.0, r"optimizer.b2=1.0: must be < 1"),
                                 ("weight_decay", -1, "optimizer.weight_decay=-1: must be >= 0"),
                                 ("lr_multipliers", [("(", 2.0)], r"optimizer.lr_multipliers\[0\]"),
+                                ("lr_multipliers", [("x", float("inf"))], r"optimizer.lr_multipliers\[0\]"),
                                 ("momentum", 0.9, "optimizer.momentum: unknown key")]:
         cfg = dict(optim.default_optimizer_config().items())
         cfg[key] = value
@@ -134,6 +147,22 @@ def test_decay_mask_on_nnx_state():
 
     mask = flat(optim.decay_mask(nnx.state(Block(nnx.Rngs(0)), nnx.Param)))
     assert mask == {"dt_bias": False, "input_layernorm/scale": False, "proj/bias": False, "proj/kernel": True}
+
+
+def test_decay_mask_on_the_model_with_every_bias():
+    from granite_jax.config import preset
+    from granite_jax.model import GraniteModel
+
+    cfg = preset("debug-hybrid-moe", mamba_proj_bias=True, mamba_conv_bias=True, attention_bias=True)
+    mask = flat(optim.decay_mask(nnx.state(GraniteModel(cfg, rngs=nnx.Rngs(0)), nnx.Param)))
+    no_decay = {path.split("/", 3)[-1] for path, decayed in mask.items() if not decayed}
+    assert no_decay == {
+        "input_layernorm/weight", "post_attention_layernorm/weight", "weight",  # the final norm: "norm/weight"
+        "mixer/A_log", "mixer/D", "mixer/dt_bias", "mixer/norm/weight", "mixer/out_bias", "mixer/conv_bias_x",
+        "mixer/conv_bias_bc", "mixer/in_bias_z", "mixer/in_bias_x", "mixer/in_bias_bc", "mixer/in_bias_dt",
+        "mixer/q_bias", "mixer/k_bias", "mixer/v_bias", "mixer/o_bias"}
+    assert all(mask[path] for path in mask if path.endswith(("_proj", "_proj_z", "input_linear", "router",
+                                                             "embed_tokens", "conv_x", "conv_bc")))
 
 
 def make_tx(**opt):

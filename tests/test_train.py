@@ -118,12 +118,25 @@ def test_cross_entropy_sum_is_the_masked_negative_log_likelihood():
     ("checkpoint.keep=0", "checkpoint.keep"),
     ("data.shuffel=False", "data.shuffel"),
     ("nosection.x=1", "nosection"),
+    ("train.logits_chunk_tokens=5", "train.logits_chunk_tokens=5"),
+    ("mesh.dcn.data=3", "dcn.data=3"),
 ])
 def test_invalid_config_names_the_key(tmp_path, override, message):
     config = write_config(tmp_path, str(tmp_path / "corpus"))
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         cfg = train.load_config(config, [override])
         train.validate(cfg, n_devices=8)
+
+
+def test_every_data_stage_obeys_the_batch_and_length_rules(tmp_path):
+    config = write_config(tmp_path, str(tmp_path / "corpus"))
+    stages = "data.stages=[{'tokens': 1024, 'batch_size': 4}, {'tokens': None, 'batch_size': 3}]"
+    train.validate(train.load_config(config, [stages.replace("3}", "2}"), "train.grad_accum_steps=2"]), n_devices=8)
+    with pytest.raises(ValueError, match=r"data\.stages\[1\]: batch_size=3"):
+        train.validate(train.load_config(config, [stages, "train.grad_accum_steps=2"]), n_devices=8)
+    with pytest.raises(ValueError, match=r"data\.stages\[1\]: seq_len=40 .*logits_chunk_tokens=16"):
+        train.validate(train.load_config(config, ["data.stages=[{'tokens': 1024}, {'tokens': None, 'seq_len': 40}]",
+                                                  "train.logits_chunk_tokens=16"]), n_devices=8)
 
 
 def test_cli_reports_an_invalid_config_without_running(tmp_path, capsys):
