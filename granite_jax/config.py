@@ -36,8 +36,23 @@ MOE_DISPATCHES = ("auto", "local", "all_to_all", "ragged_all_to_all")
 _HF_IGNORED_KEYS = {
     "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "auto_map", "_name_or_path",
     "output_router_logits", "use_cache", "return_dict", "output_hidden_states", "output_attentions",
-    "is_encoder_decoder", "tie_encoder_decoder", "id2label", "label2id", "problem_type", "layers_block_type",
-    "normalization_function", "init_method", "rope_scaling", "chunk_size_feed_forward", "tokenizer_class",
+    "is_encoder_decoder", "tie_encoder_decoder", "id2label", "label2id", "problem_type",
+    "normalization_function", "init_method", "chunk_size_feed_forward", "tokenizer_class",
+}
+
+# What transformers' `GraniteMoeHybridConfig` assumes for a key missing from config.json (its defaults, which are
+# placeholders unlike ModelConfig's, e.g. tie_word_embeddings=False): `from_hf` reads a file the way transformers
+# does. tests/test_config.py compares this table with transformers' so it cannot drift.
+_HF_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+    "num_attention_heads": 32, "num_key_value_heads": None, "hidden_act": "silu", "max_position_embeddings": 2048,
+    "initializer_range": 0.02, "rms_norm_eps": 1e-6, "pad_token_id": None, "bos_token_id": 1, "eos_token_id": 2,
+    "tie_word_embeddings": False, "rope_theta": 10000.0, "attention_bias": False, "attention_dropout": 0.0,
+    "embedding_multiplier": 1.0, "logits_scaling": 1.0, "residual_multiplier": 1.0, "attention_multiplier": 1.0,
+    "num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001, "shared_intermediate_size": 1024,
+    "position_embedding_type": None, "layer_types": None, "mamba_n_heads": 128, "mamba_n_groups": 1,
+    "mamba_d_state": 256, "mamba_d_head": "auto", "mamba_d_conv": 4, "mamba_expand": 2, "mamba_chunk_size": 256,
+    "mamba_conv_bias": True, "mamba_proj_bias": False, "time_step_limit": (0.0, float("inf")),
 }
 
 
@@ -246,7 +261,11 @@ class ModelConfig:
     # Hugging Face round trip ---------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, source: dict | str | os.PathLike, **overrides) -> "ModelConfig":
-        """Builds a config from a Hugging Face `config.json` (a dict, a file path, or a model folder)."""
+        """Builds a config from a Hugging Face `config.json` (a dict, a file path, or a model folder), read as
+        transformers reads it: a missing key takes transformers' default (`_HF_DEFAULTS`), not ModelConfig's;
+        `layers_block_type` is another name for `layer_types`. RoPE scaling (`rope_scaling`, or `rope_parameters`
+        other than the default type and `rope_theta`) is not implemented: a config that uses RoPE with it is refused.
+        `overrides` replace fields after reading."""
         if isinstance(source, (str, os.PathLike)):
             path = os.fspath(source)
             if os.path.isdir(path):
@@ -259,32 +278,43 @@ class ModelConfig:
             raise ValueError(f"config model_type={model_type!r}: granite-jax reads 'granitemoehybrid' configs only")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
+        rope_scaling = {}  # RoPE settings beyond the default type and theta, by the key that holds them
         for key, value in d.items():
-            if key in _HF_IGNORED_KEYS:
+            if key in _HF_IGNORED_KEYS or key == "layers_block_type":
+                continue
+            if key == "rope_scaling":
+                if value is not None:
+                    rope_scaling[key] = value
                 continue
             if key == "rope_parameters":
                 if value and "rope_theta" in value:
                     kwargs.setdefault("rope_theta", float(value["rope_theta"]))
-                if value and value.get("rope_type", "default") != "default":
-                    raise ValueError(f"config rope_parameters={value!r}: only rope_type 'default' is supported")
+                if value and (value.get("rope_type", "default") != "default"
+                              or set(value) - {"rope_type", "rope_theta"}):
+                    rope_scaling[key] = value
                 continue
             if key not in fields:
                 raise ValueError(f"config key {key!r} (value {value!r}) is not a GraniteMoeHybridConfig field "
                                  "known to granite-jax; remove it or update granite_jax.config")
             kwargs[key] = value
-        if kwargs.get("mamba_d_head") == "auto":
+        kwargs["layer_types"] = _hf_layer_types(d)
+        for key, default in _HF_DEFAULTS.items():
+            kwargs.setdefault(key, default)
+        if kwargs["mamba_d_head"] == "auto":
             kwargs["mamba_d_head"] = None
-        if isinstance(kwargs.get("eos_token_id"), list):
+        if isinstance(kwargs["eos_token_id"], list):
             kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-        if kwargs.get("time_step_limit") is None:
-            kwargs.pop("time_step_limit", None)
-        else:
-            kwargs["time_step_limit"] = tuple(_json_float(v) for v in kwargs["time_step_limit"])
-        if kwargs.get("num_key_value_heads") is None:
-            kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
-        if "layer_types" not in kwargs or kwargs["layer_types"] is None:
-            kwargs["layer_types"] = None  # a missing list means all Mamba
+        if kwargs["time_step_limit"] is None:
+            kwargs["time_step_limit"] = _HF_DEFAULTS["time_step_limit"]
+        kwargs["time_step_limit"] = tuple(_json_float(v) for v in kwargs["time_step_limit"])
+        if kwargs["num_key_value_heads"] is None:
+            kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
         kwargs.update(overrides)
+        if kwargs["position_embedding_type"] == "rope" and rope_scaling:
+            key, value = next(iter(rope_scaling.items()))
+            raise ValueError(f"config {key}={value!r}: RoPE scaling is not implemented in granite-jax (only "
+                             "rope_type 'default' with rope_theta); transformers would apply it, so the model would "
+                             "not be the same")
         return cls(**kwargs)
 
     def to_hf_json(self, **extra) -> str:
@@ -343,6 +373,17 @@ def _json_float(v) -> float:
     if isinstance(v, dict) and "__float__" in v:  # transformers' encoding of non-finite floats
         return float(v["__float__"].replace("Infinity", "inf"))
     return float(v)
+
+
+def _hf_layer_types(d: dict) -> list[str] | None:
+    """`layer_types` of a Hugging Face config dict, or its alias `layers_block_type` (transformers maps the one onto
+    the other); both given must agree. None (all Mamba) when neither is."""
+    layer_types, block_types = d.get("layer_types"), d.get("layers_block_type")
+    if layer_types is not None and block_types is not None and (
+            [_normalise_layer_type(t) for t in layer_types] != [_normalise_layer_type(t) for t in block_types]):
+        raise ValueError(f"config layer_types={layer_types!r} and layers_block_type={block_types!r} disagree; they "
+                         "are two names for the same list: keep one")
+    return block_types if block_types is not None else layer_types
 
 
 def _normalise_layer_type(t: str) -> str:

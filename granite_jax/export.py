@@ -168,13 +168,28 @@ def generation_config(cfg) -> dict:
             "pad_token_id": cfg.pad_token_id}
 
 
+def _check_out_is_apart_from_the_run(workdir: str, out: str) -> None:
+    """Refuses an `out` whose writing (or replacing, with --overwrite) could touch the run's checkpoints: the workdir
+    itself, a folder that contains it, or a folder inside its checkpoints/. Another folder inside the workdir (such as
+    `WORKDIR/hf`, where `granite-jax quickstart` exports) is fine."""
+    real_workdir, real_out = os.path.realpath(workdir), os.path.realpath(out)
+    checkpoints = os.path.join(real_workdir, CHECKPOINT_DIR)
+    if os.path.commonpath([real_workdir, real_out]) == real_out:
+        where = "is" if real_out == real_workdir else "contains"
+        raise ExportError(f"--out {out} {where} the run directory {workdir}; export to a folder outside the run")
+    if os.path.commonpath([checkpoints, real_out]) == checkpoints:
+        raise ExportError(f"--out {out} lies inside the checkpoints of the run {workdir} ({checkpoints}); export to "
+                          "a folder outside them")
+
+
 def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "float32", tokenizer: str | None = None,
            overwrite: bool = False, allow_nonfinite: bool = False, sign_key: str | None = None,
            progress: bool = True) -> str:
     """Writes checkpoint `step` (default: the latest) of the run in `workdir` to `out` as a Hugging Face folder.
 
     Returns `out`. Raises ExportError (nothing written) for a missing run/step, an existing `out` without
-    `overwrite`, or a non-finite tensor without `allow_nonfinite`. `sign_key` (an EC private key, PEM) adds
+    `overwrite` (or one that is not a model folder, even with it), an `out` that is or contains the run or lies inside
+    its checkpoints, or a non-finite tensor without `allow_nonfinite`. `sign_key` (an EC private key, PEM) adds
     model.sig over the folder's files.
     """
     import jax.numpy as jnp
@@ -190,8 +205,11 @@ def export(workdir: str, out: str, *, step: int | None = None, dtype: str = "flo
         raise ExportError(f"--dtype {dtype}: expected float32 or bfloat16")
     if sign_key and not os.path.isfile(sign_key):
         raise ExportError(f"--sign-key {sign_key}: no such file (an elliptic-curve private key in PEM)")
-    if os.path.exists(out) and not overwrite:
-        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    _check_out_is_apart_from_the_run(workdir, out)
+    try:
+        hf.check_replaceable(out, overwrite, flag="--overwrite")
+    except FileExistsError as e:
+        raise ExportError(str(e)) from None
     steps = checkpoint_steps(workdir)
     try:
         step = select_step(steps, step, os.path.join(workdir, CHECKPOINT_DIR))
@@ -242,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight dtype on disk (default bfloat16, as released Granite 4.0 checkpoints)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json or a folder of tokenizer files (default: the run's data source's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out model folder (never another folder)")
     parser.add_argument("--allow-nonfinite", action="store_true", help="write NaN/inf weights instead of refusing")
     parser.add_argument("--sign-key", default=None, help="EC private key (PEM): write model.sig over the folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -100,12 +100,11 @@ def _layer_specs(cfg: ModelConfig, locate: Callable[[int], tuple[int, int]], i: 
         specs += [HFTensor(e + "router.layer.weight", (p("moe", "router"),), (E, H), 1),
                   HFTensor(e + "input_linear.weight", (p("moe", "input_linear"),), (E, 2 * I, H), 1, n_batch=1),
                   HFTensor(e + "output_linear.weight", (p("moe", "output_linear"),), (E, H, I), 1, n_batch=1)]
+    # transformers always builds the shared MLP, so a width of 0 still has its two (empty) tensors on disk: they
+    # are written and checked for shape, and no parameter is read from or into them.
     Is = cfg.shared_intermediate_size
-    if Is:
-        specs += [HFTensor(prefix + "shared_mlp.input_linear.weight", (p("shared_mlp", "input_linear"),), (2 * Is, H),
-                           1),
-                  HFTensor(prefix + "shared_mlp.output_linear.weight", (p("shared_mlp", "output_linear"),), (H, Is),
-                           1)]
+    for name, shape in (("input_linear", (2 * Is, H)), ("output_linear", (H, Is))):
+        specs.append(HFTensor(prefix + f"shared_mlp.{name}.weight", (p("shared_mlp", name),) if Is else (), shape, 1))
     return specs
 
 
@@ -168,7 +167,11 @@ def hf_tensors(model: GraniteModel, dtype=None, read: ReadPiece | None = None) -
     if read is None:
         params = _flat_params(model)
         read = lambda path, index: np.asarray(jax.device_get(params[path][...][index]))  # noqa: E731
+    empty_dtype = dtype if dtype is not None else jnp.dtype(model.config.param_dtype)
     for spec in tensor_specs(model):
+        if not spec.pieces:  # an empty tensor (shared MLP of width 0)
+            yield spec.name, np.zeros(spec.shape, empty_dtype)
+            continue
         parts = [_piece_to_hf(read(pc.path, pc.index), spec) for pc in spec.pieces]
         t = np.concatenate(parts, axis=spec.n_batch) if len(parts) > 1 else parts[0]
         del parts  # each step below drops its input: about two copies of the tensor at most are alive
@@ -238,6 +241,8 @@ def load_hf_tensors(model: GraniteModel, loaders: dict[str, Callable[[], np.ndar
         if tuple(t.shape) != spec.shape:
             raise ValueError(f"{source}: tensor {spec.name} has shape {tuple(t.shape)}, expected {spec.shape} "
                              "from config.json")
+        if not spec.pieces:
+            continue
         b = spec.n_batch
         flat = t.reshape(-1) if spec.n_in is None else t.reshape(*spec.shape[:b + 1], -1)
         offset = 0
@@ -276,19 +281,57 @@ def _write_safetensors(path: str, entries: list[tuple[str, np.dtype, tuple[int, 
             f.write(np.ascontiguousarray(t).reshape(-1).view(np.uint8).data)  # no copy of the bytes
 
 
-def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None, overwrite: bool = True,
+def _is_model_folder(path: str) -> bool:
+    """Whether `path` is a Hugging Face model folder (config.json and at least one .safetensors file)."""
+    return os.path.isfile(os.path.join(path, "config.json")) and any(
+        name.endswith(".safetensors") for name in os.listdir(path))
+
+
+def check_replaceable(path: str, overwrite: bool, flag: str = "overwrite=True") -> None:
+    """Raises FileExistsError unless `path` may be written by `save_pretrained`: it does not exist or, with
+    `overwrite`, it is an empty folder or a model folder. Any other path is refused even with `overwrite`, so that
+    a mistyped path never deletes user files. `flag` is how the caller's user asks to overwrite."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or (os.listdir(path) and not _is_model_folder(path)):
+        raise FileExistsError(f"{path} exists and is not a Hugging Face model folder (config.json + *.safetensors); "
+                              "refusing to replace it: choose a new or empty folder")
+    if not overwrite:
+        raise FileExistsError(f"{path} exists; pass {flag} to replace it")
+
+
+def _move_into_place(tmp: str, path: str) -> None:
+    """Renames folder `tmp` to `path`. An existing `path` is first renamed to a backup sibling and deleted only once
+    `tmp` is in place; if that rename fails, the backup is put back. A crash in between leaves both folders on disk
+    (`path` missing, the old one as `.tmp-*-old` beside it), never neither."""
+    if not os.path.lexists(path):
+        os.rename(tmp, path)
+        return
+    backup = tmp + "-old"
+    os.rename(path, backup)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(backup, path)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None, overwrite: bool = False,
                     max_shard_bytes: int = MAX_SHARD_BYTES, read: ReadPiece | None = None,
                     on_tensor: Callable[[str, np.ndarray], None] | None = None,
                     extra_files: Callable[[str], None] | None = None) -> None:
     """Writes `path` as a Hugging Face model folder in the released Granite 4.0 layout (atomically: a temporary
     sibling folder renamed into place). `dtype` (e.g. jnp.bfloat16) casts the weights; None keeps the param dtype.
 
+    An existing `path` needs `overwrite=True` and must be an empty folder or a model folder (config.json +
+    safetensors), which is deleted only once the new one is in place; any other path is refused (FileExistsError).
+
     `read` is passed to `hf_tensors`; `on_tensor(name, array)` sees each tensor before it is written (raise to
     abort); `extra_files(tmp_dir)` adds files (tokenizer, generation config) before the folder is renamed into place.
     """
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    check_replaceable(path, overwrite)
     cfg = model.config
     out_dtype = np.dtype(jnp.dtype(dtype or cfg.param_dtype))
     specs = tensor_specs(model)
@@ -322,9 +365,7 @@ def save_pretrained(model: GraniteModel, path: str | os.PathLike, *, dtype=None,
             f.write(cfg.to_hf_json(dtype=out_dtype.name))
         if extra_files is not None:
             extra_files(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        _move_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,6 +1,8 @@
 """ModelConfig: Hugging Face round trips, presets, parameter counts, and the errors bad values give."""
 
+import dataclasses
 import json
+import re
 
 import pytest
 
@@ -108,9 +110,76 @@ def test_unknown_hf_key_is_an_error():
 
 def test_to_hf_writes_only_reference_fields():
     transformers = pytest.importorskip("transformers")
-    import dataclasses
 
     known = {f.name for f in dataclasses.fields(transformers.GraniteMoeHybridConfig)}
     # rope_theta is the transformers 4.x spelling of rope_parameters, kept for older readers
     written = set(preset("debug-hybrid-moe").to_hf()) - {"model_type", "architectures", "rope_theta"}
     assert written <= known, written - known
+
+
+# Reading config.json as transformers does --------------------------------------------------------------------------
+
+def _assert_reads_like_transformers(d):
+    """ModelConfig.from_hf(d) has the model fields transformers' GraniteMoeHybridConfig(**d) has."""
+    transformers = pytest.importorskip("transformers")
+    ours = ModelConfig.from_hf(d).to_hf()
+    theirs = transformers.GraniteMoeHybridConfig(**d).to_dict()
+    theirs["layer_types"] = [{"linear_attention": "mamba", "full_attention": "attention"}.get(t, t)
+                             for t in theirs["layer_types"]]
+    theirs["time_step_limit"] = list(theirs["time_step_limit"])
+    mismatched = {k: (v, theirs[k]) for k, v in ours.items()
+                  if k in theirs and k != "architectures" and v != theirs[k]}
+    assert not mismatched, mismatched  # field: (ours, transformers')
+
+
+def test_hf_defaults_table_is_transformers():
+    transformers = pytest.importorskip("transformers")
+    from granite_jax.config import _FRAMEWORK_FIELDS, _HF_DEFAULTS
+
+    reference = {f.name: f.default for f in dataclasses.fields(transformers.GraniteMoeHybridConfig)}
+    reference["rope_theta"] = transformers.GraniteMoeHybridConfig().rope_parameters["rope_theta"]
+    assert set(_HF_DEFAULTS) == {f.name for f in dataclasses.fields(ModelConfig)} - _FRAMEWORK_FIELDS
+    assert {k: reference[k] for k in _HF_DEFAULTS} == _HF_DEFAULTS
+    _assert_reads_like_transformers({})
+
+
+def test_missing_keys_take_transformers_defaults():
+    d = preset("granite-4.0-h-350m").to_hf()
+    for key in ("tie_word_embeddings", "embedding_multiplier", "residual_multiplier", "rms_norm_eps",
+                "mamba_d_state", "bos_token_id", "pad_token_id"):
+        d.pop(key)
+    d.update(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64)
+    cfg = ModelConfig.from_hf(d)
+    assert (cfg.tie_word_embeddings, cfg.embedding_multiplier, cfg.rms_norm_eps, cfg.mamba_d_state) == \
+        (False, 1.0, 1e-6, 256)
+    _assert_reads_like_transformers(d)
+    d.pop("num_local_experts")
+    assert ModelConfig.from_hf(d).num_local_experts == 8
+    _assert_reads_like_transformers(d)
+
+
+def test_layers_block_type_is_another_name_for_layer_types():
+    d = preset("debug-hybrid-moe").to_hf()
+    layer_types = d.pop("layer_types")
+    d["layers_block_type"] = layer_types
+    assert ModelConfig.from_hf(d) == preset("debug-hybrid-moe")
+    _assert_reads_like_transformers(d)
+    spelled = ["full_attention" if t == "attention" else "linear_attention" for t in layer_types]
+    assert ModelConfig.from_hf({**d, "layer_types": spelled}) == preset("debug-hybrid-moe")  # both, agreeing
+    with pytest.raises(ValueError, match="layer_types=.* and layers_block_type=.* disagree"):
+        ModelConfig.from_hf({**d, "layer_types": ["mamba"] * len(layer_types)})
+
+
+@pytest.mark.parametrize("key, value", [
+    ("rope_scaling", {"type": "linear", "factor": 4.0}),
+    ("rope_parameters", {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e7}),
+    ("rope_parameters", {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.5}),
+])
+def test_rope_scaling_is_refused_naming_key_and_value(key, value):
+    d = preset("granite-4.0-micro").to_hf()
+    with pytest.raises(ValueError, match=re.escape(f"config {key}={value!r}: RoPE scaling is not implemented")):
+        ModelConfig.from_hf({**d, key: value})
+    # without RoPE transformers ignores the setting as well; a null rope_scaling is no scaling
+    nope = preset("granite-4.0-h-350m")
+    assert ModelConfig.from_hf({**nope.to_hf(), key: value}) == nope
+    assert ModelConfig.from_hf({**d, "rope_scaling": None}) == preset("granite-4.0-micro")

@@ -78,6 +78,32 @@ def test_export_refuses_bad_input_and_writes_nothing(run, tmp_path, capsys):
     assert (out / "model.safetensors").exists()
 
 
+def test_export_refuses_an_out_that_is_holds_or_is_inside_the_runs_checkpoints(tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "5").mkdir(parents=True)
+    (workdir / "precious.txt").write_text("x")
+    for out, match in [(workdir, "is the run directory"), (tmp_path, "contains the run directory"),
+                       (workdir / "checkpoints", "lies inside the checkpoints"),
+                       (workdir / "checkpoints" / "5", "lies inside the checkpoints")]:
+        with pytest.raises(export.ExportError, match=match) as error:
+            export.export(str(workdir), str(out), overwrite=True, progress=False)
+        assert str(out) in str(error.value) and str(workdir) in str(error.value)
+    with pytest.raises(export.ExportError, match="no complete checkpoint"):  # past the out checks
+        export.export(str(workdir), str(workdir / "hf"), progress=False)  # where `granite-jax quickstart` writes
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "precious.txt"]
+    assert os.listdir(workdir / "checkpoints") == ["5"]
+
+
+def test_export_overwrite_replaces_only_a_model_folder(tmp_path, capsys):
+    workdir, user = tmp_path / "run", tmp_path / "mydata"
+    (workdir / "checkpoints").mkdir(parents=True)
+    user.mkdir()
+    (user / "notes.txt").write_text("important")
+    assert export.main([str(workdir), "--out", str(user), "--overwrite", "--no-progress"]) == 2
+    assert f"{user} exists and is not a Hugging Face model folder" in capsys.readouterr().err
+    assert os.listdir(user) == ["notes.txt"]
+
+
 def test_export_refuses_non_finite_weights_naming_the_tensor(run, tmp_path, monkeypatch):
     read = export.CheckpointReader.__call__
 

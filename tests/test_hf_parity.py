@@ -1,6 +1,7 @@
 """Logit parity with transformers' PyTorch GraniteMoeHybridForCausalLM, both directions, and exact round trips."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +128,76 @@ def test_bad_checkpoints_name_the_tensor(tmp_path):
         hf.from_pretrained(tmp_path / "hf")
     with pytest.raises(FileNotFoundError, match="no config.json"):
         hf.from_pretrained(tmp_path)
+
+
+def test_shared_mlp_of_width_zero_loads_and_saves_as_transformers_does(tmp_path):
+    # transformers builds the shared MLP whatever its width: [0, H] and [H, 0] tensors are on disk
+    ref = _reference_model(dict(num_hidden_layers=2, layer_types=["mamba", "attention"], num_local_experts=4,
+                                num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=0), seed=5)
+    ref.save_pretrained(tmp_path / "hf")
+    ids = np.random.default_rng(0).integers(0, BASE["vocab_size"], size=(2, 21))
+    ours = hf.from_pretrained(tmp_path / "hf")
+    ours_logits = np.asarray(ours(jnp.asarray(ids)))
+    assert _rel_err(ours_logits, _torch_logits(ref, ids)) <= 1e-4
+
+    hf.save_pretrained(ours, tmp_path / "ours")
+    with safe_open(tmp_path / "hf" / "model.safetensors", "numpy") as a, \
+            safe_open(tmp_path / "ours" / "model.safetensors", "numpy") as b:
+        assert set(a.keys()) == set(b.keys())
+        assert b.get_slice("model.layers.1.shared_mlp.input_linear.weight").get_shape() == [0, 64]
+        assert b.get_slice("model.layers.1.shared_mlp.output_linear.weight").get_shape() == [64, 0]
+    back, info = transformers.GraniteMoeHybridForCausalLM.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert _rel_err(ours_logits, _torch_logits(back.eval(), ids)) <= 1e-4
+
+
+# Replacing a folder ------------------------------------------------------------------------------------------------
+
+def _small_model():
+    from flax import nnx
+
+    from granite_jax.config import preset
+    from granite_jax.model import GraniteModel
+    return GraniteModel(preset("debug-hybrid-dense"), rngs=nnx.Rngs(0))
+
+
+def test_save_refuses_to_replace_anything_but_a_model_folder(tmp_path):
+    model = _small_model()
+    user = tmp_path / "mydata"
+    user.mkdir()
+    (user / "notes.txt").write_text("important")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=f"{user} exists and is not a Hugging Face model folder"):
+            hf.save_pretrained(model, user, overwrite=overwrite)
+    assert os.listdir(user) == ["notes.txt"]
+
+    out = tmp_path / "out"
+    hf.save_pretrained(model, out)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        hf.save_pretrained(model, out)  # the default keeps an existing model folder
+    hf.save_pretrained(model, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["mydata", "out"]
+
+
+@pytest.mark.parametrize("failing_rename", [1, 2])  # moving the old folder aside; moving the new one into place
+def test_save_keeps_the_old_folder_when_replacing_it_fails(tmp_path, monkeypatch, failing_rename):
+    model = _small_model()
+    out = tmp_path / "out"
+    hf.save_pretrained(model, out)
+    (out / "config.json").write_text((out / "config.json").read_text() + " ")  # marks the old copy
+    old = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    rename, calls = os.rename, []
+
+    def flaky(src, dst):
+        calls.append((src, dst))
+        if len(calls) == failing_rename:
+            raise OSError("simulated failure")
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="simulated failure"):
+        hf.save_pretrained(model, out, overwrite=True)
+    monkeypatch.undo()
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == old
+    assert os.listdir(tmp_path) == ["out"]  # no temporary or backup folder left
