@@ -205,11 +205,14 @@ def validate(cfg, n_devices: int, process_count: int = 1) -> ModelConfig:
 
 
 def _data_stages(cfg, process_count: int):
-    """[(stage, global rows per step)] of the data stream the run reads (one stage without `data.stages`)."""
-    from data_pipelines.config import StageSchedule
+    """[(stage, global rows per step)] of the data stream the run reads (one stage without `data.stages`, or without
+    data sources, as compile-check's configs have)."""
+    from data_pipelines.config import Stage, StageSchedule
 
     t = cfg.train
     feeds = 1 if t.data_feed == "global" else process_count  # processes that each read a share of the batch
+    if not cfg.data.sources:
+        return [(Stage(0, 0, None, t.seq_len, t.batch_size // feeds, {}, None), t.batch_size)]
     schedule = StageSchedule(cfg.data, batch_size=t.batch_size // feeds, seq_len=t.seq_len, process_count=feeds)
     return [(stage, stage.batch_size * feeds) for stage in schedule.stages]
 
