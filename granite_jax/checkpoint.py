@@ -82,7 +82,7 @@ def _abstract(tree, shardings):
 
 
 class CheckpointMismatch(ValueError):
-    """The workdir's checkpoints belong to a different model than the run's config describes."""
+    """The workdir's checkpoints belong to a different model or data stream than the run's config describes."""
 
 
 class Checkpointer:
@@ -151,8 +151,7 @@ class Checkpointer:
         if model_cfg is None:
             return
         try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            stored = model_config_from_meta(meta).to_hf()
+            stored = stored_model_config(self._manager, step).to_hf()
         except Exception:  # noqa: BLE001 - a damaged meta/ is corruption, which the restore reports
             return
         wanted = model_cfg.to_hf()
@@ -216,6 +215,12 @@ def model_config_from_meta(meta: dict) -> ModelConfig:
     return ModelConfig(**fields)
 
 
+def stored_model_config(manager: ocp.CheckpointManager, step: int) -> ModelConfig:
+    """The ModelConfig saved with checkpoint `step` (its meta/ item)."""
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return model_config_from_meta(meta)
+
+
 def select_step(steps: list[int], step: int | None, directory: str) -> int:
     """`step` if it is among the complete `steps` (default: the latest), else FileNotFoundError naming them."""
     if not steps:
@@ -239,8 +244,7 @@ def restore_model(workdir: str, step: int | None = None):
     with ocp.CheckpointManager(directory, item_handlers=handlers,
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False)) as manager:
         step = select_step(sorted(manager.all_steps()), step, directory)
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        cfg = model_config_from_meta(meta)
+        cfg = stored_model_config(manager, step)
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0)))
         graphdef, abstract_params = nnx.split(abstract)

@@ -72,9 +72,10 @@ def decays(path: str) -> bool:
     """True when the parameter at `path` ('a/b/c') gets weight decay.
 
     Not decayed: a last component in `NO_DECAY_NAMES` (`bias`, `A_log`, `D`, `dt_bias`) or with `bias` among its
-    underscore-separated words (`q_bias`, `conv_bias_x`, `in_bias_z`); and norm scales, i.e. a last component `weight`/`scale` inside a module whose name contains "norm" (case-insensitive:
-    `input_layernorm`, `post_attention_layernorm`, the final `norm`, Mamba's gated `norm`). Everything else
-    (projections, experts, router, embeddings) is decayed.
+    underscore-separated words (`q_bias`, `conv_bias_x`, `in_bias_z`); and norm scales, i.e. a last component
+    `weight`/`scale` inside a module whose name contains "norm" (case-insensitive: `input_layernorm`,
+    `post_attention_layernorm`, the final `norm`, Mamba's gated `norm`). Everything else (projections, experts,
+    router, embeddings) is decayed.
     """
     parts = path.split("/")
     name = parts[-1]
@@ -158,11 +159,15 @@ def power_lr(n_tokens, *, lr: float, a: float, b: float):
 def tokens_seen(step, tokens_per_step):
     """The tokens trained on before `step`: step * tokens_per_step, or, for data stages, `tokens_per_step` as
     [(first step, tokens per step), ...] (first steps increasing from 0; the last stage runs on)."""
-    stages = [(0, tokens_per_step)] if isinstance(tokens_per_step, int) else list(tokens_per_step)
+    stages = _token_stages(tokens_per_step)
     step = jnp.asarray(step, jnp.float32)
     ends = [first for first, _ in stages[1:]] + [None]
-    steps_in = [jnp.clip(step - first, 0.0, None if end is None else end - first) for (first, _), end in zip(stages, ends)]
-    return sum(float(tokens) * n for (_, tokens), n in zip(stages, steps_in))
+    return sum(float(tokens) * jnp.clip(step - first, 0.0, None if end is None else end - first)
+               for (first, tokens), end in zip(stages, ends))
+
+
+def _token_stages(tokens_per_step) -> list[tuple[int, int]]:
+    return [(0, tokens_per_step)] if isinstance(tokens_per_step, int) else list(tokens_per_step)
 
 
 def power(step, *, lr: float, a: float, b: float, tokens_per_step, warmup_steps: int, total_steps: int,
@@ -222,7 +227,7 @@ def make_schedule(sched_cfg, *, total_steps: int, tokens_per_step) -> Callable[[
         _fail(s, "name", d["name"], f"must be one of {', '.join(SCHEDULES)}")
     if not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"total_steps={total_steps!r}: must be a positive integer (train.steps)")
-    stages = [(0, tokens_per_step)] if isinstance(tokens_per_step, int) else list(tokens_per_step)
+    stages = _token_stages(tokens_per_step)
     firsts = [first for first, _ in stages]
     if (not stages or firsts[0] != 0 or firsts != sorted(set(firsts))
             or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for _, n in stages)):
@@ -283,7 +288,8 @@ def make_optimizer(opt_cfg, sched_cfg, *, total_steps: int, tokens_per_step
             except re.error:
                 ok = False
         if not ok:
-            _fail(s, f"lr_multipliers[{i}]", rule, "must be (path regex, finite multiplier >= 0), e.g. ('experts', 0.5)")
+            _fail(s, f"lr_multipliers[{i}]", rule,
+                  "must be (path regex, finite multiplier >= 0), e.g. ('experts', 0.5)")
     schedule = make_schedule(sched_cfg, total_steps=total_steps, tokens_per_step=tokens_per_step)
     parts = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     parts.append(optax.scale_by_adam(b1=b1, b2=b2, eps=eps))

@@ -299,7 +299,8 @@ def run(cfg, workdir: str, *, progress: bool | None = None) -> int:
     flops_per_token = functools.cache(lambda seq_len: flops.model_flops_per_token(model_cfg, seq_len)["training"])
     peak = flops.peak_flops_per_device()
     stop = _StopSignal()
-    # (step, metrics on device, data wait, tokens, row length, eval, start time): fetched one step late to keep the device busy
+    # (step, metrics on device, data wait, tokens, row length, eval, start time): fetched one step late, to keep the
+    # device busy
     pending = None
     code, step = 0, start
 

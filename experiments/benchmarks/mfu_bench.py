@@ -118,5 +118,6 @@ def main() -> None:
     for row in rows[:-1]:
         print(f"{row['name']} / {rows[-1]['name']}: {row['rate'] / rows[-1]['rate']:.2f}x the achieved FLOP/s")
 
+
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ granite-jax vs transformers' PyTorch GraniteMoeHybridForCausalLM on the same wei
     python experiments/benchmarks/model_bench.py [--preset bench-hybrid-20m] [--seq-len 1024] [--batch 1] [--iters 5]
     python experiments/benchmarks/model_bench.py --dtype bfloat16   # bf16 compute vs PyTorch under bf16 autocast
     python experiments/benchmarks/model_bench.py --profile          # also: where our step's time goes, by source op
-    python experiments/benchmarks/model_bench.py --matmuls          # also: the matrix products alone, ours and PyTorch's
+    python experiments/benchmarks/model_bench.py --matmuls          # also: the matrix products alone (both)
     python experiments/benchmarks/model_bench.py --set num_local_experts=0 --set num_experts_per_tok=0  # a cut model
 
 It also prints the step's floor on this machine: the model FLOPs of a training step (`granite_jax.flops`, matmuls and
@@ -21,8 +21,8 @@ Ours is compiled with the XLA options the framework's own steps use (`granite_ja
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import collections
+import dataclasses
 import functools
 import gzip
 import json
@@ -110,7 +110,7 @@ class Matmul:
 
 def step_matmuls(closed_jaxpr) -> tuple[collections.Counter, int]:
     """(how often each distinct `dot_general` runs in one call of `closed_jaxpr`, counting scan bodies once per step;
-    the number of those under a `lax.cond`, which are left out): the products that surely run."""
+    the number of `lax.cond` calls, whose products are left out): the products that surely run."""
     counts, under_cond = collections.Counter(), 0
 
     def walk(jaxpr, times):
