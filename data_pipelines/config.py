@@ -26,6 +26,7 @@ import ml_collections
 
 SOURCE_KEYS = ("name", "path", "weight")
 STAGE_KEYS = ("tokens", "seq_len", "mixture", "batch_size")
+REQUIRED_KEYS = ("sources",)
 
 
 def default_data_config(sources: Sequence[Mapping] | None = None) -> ml_collections.ConfigDict:
@@ -39,6 +40,22 @@ def default_data_config(sources: Sequence[Mapping] | None = None) -> ml_collecti
     cfg.continue_positions = True
     cfg.pad_id = 0
     cfg.read_block_tokens = 1 << 20
+    return cfg
+
+
+def complete_data_config(data_cfg) -> ml_collections.ConfigDict:
+    """`data_cfg` (a ConfigDict or a plain mapping) with every optional key it lacks at its default, as a new
+    ConfigDict. A missing required key or an unknown (misspelt) key is a ValueError naming it."""
+    given = dict(data_cfg.items()) if hasattr(data_cfg, "items") else None
+    if given is None:
+        raise ValueError(f"data config {data_cfg!r}: expected a ConfigDict or a dict; start from default_data_config()")
+    missing = [k for k in REQUIRED_KEYS if k not in given]
+    if missing:
+        raise ValueError(f"data config has no {', '.join(map(repr, missing))} key; give it a list of {{name, path, "
+                         "weight}} entries for prepared directories (see default_data_config)")
+    cfg = default_data_config()
+    _check_keys(given, tuple(cfg), "data config")
+    cfg.update(given)
     return cfg
 
 
@@ -81,6 +98,7 @@ class StageSchedule:
     """
 
     def __init__(self, data_cfg, *, batch_size: int, seq_len: int, process_count: int = 1):
+        data_cfg = complete_data_config(data_cfg)
         for i, source in enumerate(data_cfg.sources):
             _check_keys(source, SOURCE_KEYS, f"sources[{i}]")
         source_names = [s["name"] for s in data_cfg.sources]

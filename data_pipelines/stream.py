@@ -21,7 +21,7 @@ import zlib
 import grain
 import numpy as np
 
-from data_pipelines.config import Stage, StageSchedule, open_rows_for
+from data_pipelines.config import Stage, StageSchedule, complete_data_config, open_rows_for
 from data_pipelines.packing import RowPacker
 from data_pipelines.sources import DocumentSource, DocumentStream
 
@@ -68,6 +68,7 @@ class PackedBatchIterator(grain.DatasetIterator):
             raise ValueError(f"batch_size={batch_size}; it must be >= 1 (rows per process)")
         if not (process_count >= 1 and 0 <= process_index < process_count):
             raise ValueError(f"process_index={process_index}, process_count={process_count}: need 0 <= index < count")
+        data_cfg = complete_data_config(data_cfg)
         if not data_cfg.sources:
             raise ValueError("data_cfg.sources is empty; add {name, path, weight} entries for prepared directories")
         names = [s["name"] for s in data_cfg.sources]

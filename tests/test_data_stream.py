@@ -257,3 +257,29 @@ def test_bad_configuration_is_explained(short_corpus, tmp_path):
         dp.make_batches(_cfg(("a", short_corpus, float("inf")), ("b", short_corpus, 1.0)), **kw)
     with pytest.raises(ValueError, match="no manifest.json"):
         dp.make_batches(_cfg(("a", str(tmp_path), 1.0)), **kw)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_minimal_data_config_takes_the_documented_defaults(short_corpus, as_dict):
+    import ml_collections
+
+    minimal = {"sources": [{"name": "a", "path": short_corpus, "weight": 1.0}], "shuffle": True, "num_epochs": 1}
+    cfg = minimal if as_dict else ml_collections.ConfigDict(minimal)
+    kw = dict(batch_size=4, seq_len=64, seed=3)
+    got = list(dp.make_batches(cfg, **kw))
+    want = list(dp.make_batches(_cfg(("a", short_corpus, 1.0), num_epochs=1), **kw))
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        for key in w:
+            np.testing.assert_array_equal(g[key], w[key])
+    assert dp.stage_at(cfg, 0, **{k: kw[k] for k in ("batch_size", "seq_len")}).num_steps is None
+
+
+def test_a_data_config_missing_a_required_key_or_holding_an_unknown_one_names_it(short_corpus):
+    import ml_collections
+
+    kw = dict(batch_size=2, seq_len=32, seed=0)
+    with pytest.raises(ValueError, match="data config has no 'sources'"):
+        dp.make_batches(ml_collections.ConfigDict({"shuffle": True, "num_epochs": 1}), **kw)
+    with pytest.raises(ValueError, match=r"data config: unknown keys \['num_epoch'\]"):
+        dp.make_batches({"sources": [{"name": "a", "path": short_corpus, "weight": 1.0}], "num_epoch": 1}, **kw)
