@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from data_pipelines.engines import ENGINES
+from data_pipelines.engines.ray import DEFAULT_MAX_RETRIES
 from data_pipelines.formats import TEXT_SPLITS
 from data_pipelines.prepare import DEFAULT_EOS_TOKEN, PrepareOptions, merge_manifests, prepare
 
@@ -35,7 +37,16 @@ def prepare_main(argv: list[str]) -> int:
                         help="plain-text files: one document per file, per line, or per blank-line paragraph")
     parser.add_argument("--eos-token", default=DEFAULT_EOS_TOKEN,
                         help=f"token appended to every document (default: {DEFAULT_EOS_TOKEN}, Granite's)")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all local cores)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local: processes (default: all local cores); ray: tasks at once (default: the "
+                        "cluster's CPUs, or all local cores for an embedded Ray)")
+    parser.add_argument("--engine", default="local", choices=ENGINES,
+                        help="local: this machine's processes (default); ray: one Ray task per input file")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="--engine ray: the cluster to join (e.g. ray://head:10001 or auto); default: start a "
+                        "local Ray for this run")
+    parser.add_argument("--max-retries", type=int, default=DEFAULT_MAX_RETRIES,
+                        help=f"--engine ray: retries of a task whose worker died (default {DEFAULT_MAX_RETRIES})")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                         help="prepare only input files k with k %% N == I (run N of these, then merge-manifests)")
     parser.add_argument("--demo", action="store_true",
@@ -63,8 +74,13 @@ def prepare_main(argv: list[str]) -> int:
                 parser.error("--input and --tokenizer are required (or use --demo)")
             options = PrepareOptions(tokenizer=args.tokenizer, out=args.out, text_field=args.text_field,
                                      text_split=args.text_split, eos_token=args.eos_token)
+            if args.engine != "ray" and args.ray_address:
+                parser.error("--ray-address needs --engine ray")
+            engine_options = {}
+            if args.engine == "ray":
+                engine_options = {"address": args.ray_address, "max_retries": args.max_retries}
             result = prepare(args.input, options, workers=args.workers, shard=args.shard,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, engine=args.engine, **engine_options)
     except ValueError as e:
         print(f"granite-jax prepare: {e}", file=sys.stderr)
         return 2

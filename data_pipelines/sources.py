@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from data_pipelines.prepare import MANIFEST_FORMAT
+from data_pipelines.manifest import MANIFEST_FORMAT
 
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 

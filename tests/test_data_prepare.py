@@ -116,20 +116,20 @@ def test_rerun_over_fewer_inputs_drops_the_others(tmp_path, tokenizer_path):
 
 
 def test_rerun_after_a_kill_between_shard_and_part_keeps_no_wrong_data(tmp_path, tokenizer_path, monkeypatch):
-    import data_pipelines.prepare as prepare_module
+    import data_pipelines.shards as shards_module
 
     _write_corpus(tmp_path / "raw")
     raw, out = [str(tmp_path / "raw")], str(tmp_path / "out")
     first = prepare(raw, PrepareOptions(tokenizer_path, out), workers=1, progress=False)
     first_docs = sorted(_documents(out, first))
-    write_json = prepare_module._write_json
+    write_json = shards_module.write_json
 
     def killed_before_parts(path, obj):
         if os.sep + "parts" + os.sep in path:
             raise KeyboardInterrupt("killed after the shard's rename, before its part")
         write_json(path, obj)
 
-    monkeypatch.setattr(prepare_module, "_write_json", killed_before_parts)
+    monkeypatch.setattr(shards_module, "write_json", killed_before_parts)
     with pytest.raises(KeyboardInterrupt):
         prepare(raw, PrepareOptions(tokenizer_path, out, text_field="body"), workers=1, progress=False)
     monkeypatch.undo()
