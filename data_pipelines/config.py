@@ -48,7 +48,8 @@ def complete_data_config(data_cfg) -> ml_collections.ConfigDict:
     ConfigDict. A missing required key or an unknown (misspelt) key is a ValueError naming it."""
     given = dict(data_cfg.items()) if hasattr(data_cfg, "items") else None
     if given is None:
-        raise ValueError(f"data config {data_cfg!r}: expected a ConfigDict or a dict; start from default_data_config()")
+        raise ValueError(f"data config {data_cfg!r}: expected a ConfigDict or a dict; start from "
+                         "default_data_config()")
     missing = [k for k in REQUIRED_KEYS if k not in given]
     if missing:
         raise ValueError(f"data config has no {', '.join(map(repr, missing))} key; give it a list of {{name, path, "

@@ -41,7 +41,8 @@ def local_run(tmp_path_factory, tokenizer_path):  # noqa: F811
     return root / "raw", out, manifest, planted
 
 
-def test_ray_gives_the_local_bytes_and_counts_bad_records_alike(local_run, tokenizer_path, tmp_path, capsys):  # noqa: F811
+def test_ray_gives_the_local_bytes_and_counts_bad_records_alike(local_run, tokenizer_path, tmp_path,  # noqa: F811
+                                                                capsys):
     raw, local_out, local_manifest, planted = local_run
     out = str(tmp_path / "ray")
     assert prepare_main(["--input", str(raw), "--tokenizer", tokenizer_path, "--out", out, "--engine", "ray",
@@ -53,7 +54,8 @@ def test_ray_gives_the_local_bytes_and_counts_bad_records_alike(local_run, token
     assert local_manifest["skipped"]["counts"] == planted
 
 
-def test_a_worker_killed_mid_task_is_retried_and_nothing_is_lost_or_doubled(local_run, tokenizer_path, tmp_path):  # noqa: F811
+def test_a_worker_killed_mid_task_is_retried_and_nothing_is_lost_or_doubled(local_run, tokenizer_path,  # noqa: F811
+                                                                           tmp_path):
     raw, local_out, _, _ = local_run
     marker = str(tmp_path / "killed-once")
 

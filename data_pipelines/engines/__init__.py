@@ -13,7 +13,8 @@ ENGINES = ("local", "ray")
 __all__ = ["ENGINES", "PartTask", "Progress", "part_settings", "prepare_part", "run_tasks"]
 
 
-def run_tasks(engine: str, tasks: Sequence[PartTask], *, workers: int | None, bar: Progress, **engine_options) -> list[dict]:
+def run_tasks(engine: str, tasks: Sequence[PartTask], *, workers: int | None, bar: Progress,
+              **engine_options) -> list[dict]:
     """Runs `prepare_part` over `tasks` on `engine`; returns the parts. `engine_options`: the Ray engine's
     `address`, `max_retries`, `task_fn`."""
     if engine == "local":
