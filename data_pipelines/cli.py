@@ -49,6 +49,10 @@ def prepare_main(argv: list[str]) -> int:
                         help=f"--engine ray: retries of a task whose worker died (default {DEFAULT_MAX_RETRIES})")
     parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
                         help="prepare only input files k with k %% N == I (run N of these, then merge-manifests)")
+    parser.add_argument("--from-dpk", action="store_true",
+                        help="--input holds the Parquet output of Data Prep Kit's tokenization transform (a `tokens` "
+                        "column of ids): write its documents as they are, no tokenizing; --tokenizer is the one it "
+                        "used (for eos, vocab size and the tokenizer identity)")
     parser.add_argument("--demo", action="store_true",
                         help="build the demo corpus (Python's standard library + a BPE tokenizer trained on it) in "
                         "DIR, and its held-out eval split in DIR/eval")
@@ -73,7 +77,8 @@ def prepare_main(argv: list[str]) -> int:
             if not args.input or not args.tokenizer:
                 parser.error("--input and --tokenizer are required (or use --demo)")
             options = PrepareOptions(tokenizer=args.tokenizer, out=args.out, text_field=args.text_field,
-                                     text_split=args.text_split, eos_token=args.eos_token)
+                                     text_split=args.text_split, eos_token=args.eos_token,
+                                     from_dpk=args.from_dpk)
             if args.engine != "ray" and args.ray_address:
                 parser.error("--ray-address needs --engine ray")
             engine_options = {}

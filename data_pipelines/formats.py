@@ -22,6 +22,8 @@ SKIP_REASONS = {
     "invalid_utf8": "the bytes are not valid UTF-8 (or the text holds lone surrogates)",
     "empty_text": "the text is empty or only whitespace",
     "unreadable_file": "the file (or its remainder) could not be read: truncated gzip, corrupt Parquet, ...",
+    "not_token_list": "a Data Prep Kit file's `tokens` column is not a list of integers",
+    "bad_token_id": "a token id is negative or not below the tokenizer's vocab_size",
 }
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
@@ -164,3 +166,48 @@ def _decode_chunk(chunk: list[bytes]) -> str | Skip:
         return b"".join(chunk).decode("utf-8").rstrip("\n")
     except UnicodeDecodeError:
         return Skip("invalid_utf8")
+
+
+DPK_TOKENS_COLUMN = "tokens"  # the column Data Prep Kit's tokenization transform writes (a fixed name there)
+
+
+def read_dpk_tokens(path: str) -> Iterator[tuple[int, "np.ndarray | Skip"]]:
+    """Yields `(row, token ids)` for every row of a Parquet file written by Data Prep Kit's tokenization transform
+    (columns `tokens` list<int64>, its document id column, `document_length`, `token_count`), in file order."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    row = 0
+    try:
+        pf = pq.ParquetFile(path)
+        field = pf.schema_arrow.field(DPK_TOKENS_COLUMN) if DPK_TOKENS_COLUMN in pf.schema_arrow.names else None
+        if field is None or not (pa.types.is_list(field.type) or pa.types.is_large_list(field.type)) or not (
+                pa.types.is_integer(field.type.value_type)):
+            reason = "missing_field" if field is None else "not_token_list"
+            for row in range(1, pf.metadata.num_rows + 1):
+                yield row, Skip(reason)
+            return
+        for batch in pf.iter_batches(columns=[DPK_TOKENS_COLUMN], batch_size=8192):
+            lists = batch.column(0)
+            values = lists.flatten()  # the ids of the non-null rows, in order
+            lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy()
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            null_rows = np.asarray(lists.is_null())
+            holes = np.zeros(len(lists), bool)  # rows with a null id inside their list
+            if values.null_count:
+                holes[pc.list_parent_indices(lists).to_numpy()[np.asarray(values.is_null())]] = True
+            ids_all = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)  # holes are skipped above
+            for k in range(len(lists)):
+                row += 1
+                if null_rows[k]:
+                    yield row, Skip("missing_field")
+                elif holes[k]:
+                    yield row, Skip("not_token_list")
+                elif lengths[k] == 0:
+                    yield row, Skip("empty_text")
+                else:
+                    yield row, ids_all[offsets[k]:offsets[k + 1]]
+    except (OSError, EOFError, pa.ArrowException):
+        yield row + 1, Skip("unreadable_file")

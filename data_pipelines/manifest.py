@@ -100,7 +100,7 @@ def merge_manifests(dirs: Sequence[str], out: str) -> dict:
     if not parts:
         raise ValueError(f"no manifest parts found in {', '.join(dirs)}: nothing was prepared yet")
     rerun = "re-run every `prepare --shard I/N` job with the same --input and options (each redoes only what differs)"
-    for key in ("tokenizer", "text_field", "text_split", "inputs_total"):
+    for key in ("tokenizer", "text_field", "text_split", "input_kind", "inputs_total"):
         groups: dict[str, list[int]] = {}
         for p in parts:
             value = p.get(key)
@@ -140,6 +140,7 @@ def merge_manifests(dirs: Sequence[str], out: str) -> dict:
         "dtype": parts[0]["tokenizer"]["dtype"],
         "text_field": parts[0]["text_field"],
         "text_split": parts[0].get("text_split"),
+        **({"input_kind": parts[0]["input_kind"]} if parts[0].get("input_kind") else {}),
         "skipped": {
             "total": sum(skipped.values()),
             "counts": dict(sorted(skipped.items())),

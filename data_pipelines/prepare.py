@@ -51,10 +51,11 @@ class PrepareOptions:
     text_field: str = "text"
     text_split: str = "file"  # plain-text files: "file" (one document each), "line" or "blank" (blank-line separated)
     eos_token: str = DEFAULT_EOS_TOKEN
+    from_dpk: bool = False  # inputs are Parquet files of Data Prep Kit's tokenization transform (token ids)
 
 
-def resolve_inputs(patterns: Sequence[str]) -> list[str]:
-    """Sorted, de-duplicated files from paths, globs (`**` allowed) and directories (searched for known formats)."""
+def resolve_inputs(patterns: Sequence[str], formats: Sequence[str] = ("jsonl", "parquet", "text")) -> list[str]:
+    """Sorted, de-duplicated files from paths, globs (`**` allowed) and directories (searched for `formats`)."""
     files: set[str] = set()
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) or ([pattern] if os.path.exists(pattern) else [])
@@ -63,19 +64,21 @@ def resolve_inputs(patterns: Sequence[str]) -> list[str]:
         for match in matches:
             if os.path.isdir(match):
                 for root, _, names in os.walk(match):
-                    files.update(os.path.join(root, n) for n in names if _known_format(n))
+                    files.update(os.path.join(root, n) for n in names if _known_format(n) in formats)
             else:
-                input_format(match)  # raises a clear error for an unknown extension
+                fmt = input_format(match)  # raises a clear error for an unknown extension
+                if fmt not in formats:
+                    raise ValueError(f"--input {match!r} is {fmt}; --from-dpk reads the Parquet files of Data Prep "
+                                     "Kit's tokenization transform only")
                 files.add(match)
     return sorted(os.path.abspath(f) for f in files)
 
 
-def _known_format(name: str) -> bool:
+def _known_format(name: str) -> str | None:
     try:
-        input_format(name)
-        return True
+        return input_format(name)
     except ValueError:
-        return False
+        return None
 
 
 def tokenizer_identity(tokenizer_path: str, eos_token: str) -> dict:
@@ -130,9 +133,11 @@ def prepare(
     own = tuple(os.path.join(out_abs, d) + os.sep for d in ("shards", "parts"))
     own_files = {os.path.join(out_abs, n) for n in ("manifest.json", "tokenizer.json")}
     # --input may contain --out: never read our own output as input.
-    files = [f for f in resolve_inputs(inputs) if not f.startswith(own) and f not in own_files]
+    formats = ("parquet",) if options.from_dpk else ("jsonl", "parquet", "text")
+    files = [f for f in resolve_inputs(inputs, formats) if not f.startswith(own) and f not in own_files]
     if not files:
-        raise ValueError(f"--input {' '.join(inputs)} holds no JSONL, Parquet or text files")
+        wanted = "Parquet (Data Prep Kit tokenization output)" if options.from_dpk else "JSONL, Parquet or text"
+        raise ValueError(f"--input {' '.join(inputs)} holds no {wanted} files")
     identity = tokenizer_identity(options.tokenizer, options.eos_token)
     os.makedirs(os.path.join(options.out, "shards"), exist_ok=True)
     os.makedirs(os.path.join(options.out, "parts"), exist_ok=True)

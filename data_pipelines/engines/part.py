@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from data_pipelines.formats import Skip, read_records
+from data_pipelines.formats import Skip, read_dpk_tokens, read_records
 from data_pipelines.shards import ShardWriter
 
 EXAMPLES_PER_REASON = 10
@@ -41,7 +41,10 @@ def _tokenizer(task: PartTask):
 
 
 def part_settings(options, inputs_total: int) -> dict:
-    """The options besides the tokenizer that change a part's content (inputs_total: its index's meaning)."""
+    """The options besides the tokenizer that change a part's content (inputs_total: its index's meaning). Parts of
+    Data Prep Kit token files have no text options: a text part never passes for one, nor the other way round."""
+    if options.from_dpk:
+        return {"inputs_total": inputs_total, "text_field": None, "text_split": None, "input_kind": "dpk-tokens"}
     return {"inputs_total": inputs_total, "text_field": options.text_field, "text_split": options.text_split}
 
 
@@ -63,7 +66,7 @@ def prepare_part(task: PartTask, report: Report | None = None) -> dict:
     """Tokenizes `task.path` into shard `task.index` (documents in file order, eos appended, malformed records counted
     by reason); writes the shard, then its part, and returns the part. `report` is told progress per encode batch."""
     options, path = task.options, task.path
-    tok = _tokenizer(task)
+    tok = None if options.from_dpk else _tokenizer(task)
     skipped: dict[str, int] = {}
     examples: list[dict] = []
     stat = os.stat(path)
@@ -73,6 +76,26 @@ def prepare_part(task: PartTask, report: Report | None = None) -> dict:
         skipped[reason] = skipped.get(reason, 0) + 1
         if skipped[reason] <= EXAMPLES_PER_REASON:
             examples.append({"file": path, "line": line, "reason": reason})
+
+    if options.from_dpk:
+        _write_dpk_file(path, writer, skip, report)
+    else:
+        _write_text_file(path, options, tok, writer, skip, report)
+    part = writer.close(
+        **part_settings(options, task.inputs_total),
+        input=path,
+        input_size=stat.st_size,
+        input_mtime_ns=stat.st_mtime_ns,
+        skipped=skipped,
+        skipped_examples=examples,
+    )
+    if report is not None:
+        report(1, 0, 0)
+    return part
+
+
+def _write_text_file(path: str, options, tok, writer: ShardWriter, skip, report: Report | None) -> None:
+    """Encodes the documents of a raw-text file in batches and writes them."""
 
     def flush(texts: list[str], lines: list[int]) -> None:
         n_tokens = 0
@@ -99,14 +122,23 @@ def prepare_part(task: PartTask, report: Report | None = None) -> dict:
             texts, lines, n_chars = [], [], 0
     if texts:
         flush(texts, lines)
-    part = writer.close(
-        **part_settings(options, task.inputs_total),
-        input=path,
-        input_size=stat.st_size,
-        input_mtime_ns=stat.st_mtime_ns,
-        skipped=skipped,
-        skipped_examples=examples,
-    )
-    if report is not None:
-        report(1, 0, 0)
-    return part
+
+
+def _write_dpk_file(path: str, writer: ShardWriter, skip, report: Report | None) -> None:
+    """Writes the token lists of a Data Prep Kit tokenization file as they are (eos appended), ids range-checked."""
+    vocab_size = writer.identity["vocab_size"]
+    docs = tokens = 0
+    for row, ids in read_dpk_tokens(path):
+        if isinstance(ids, Skip):
+            skip(row, ids.reason)
+            continue
+        if ids.min() < 0 or ids.max() >= vocab_size:  # another tokenizer's ids, or a corrupt row
+            skip(row, "bad_token_id")
+            continue
+        tokens += writer.write(ids)
+        docs += 1
+        if report is not None and docs == _ENCODE_BATCH_DOCS:
+            report(0, docs, tokens)
+            docs = tokens = 0
+    if report is not None and docs:
+        report(0, docs, tokens)
