@@ -47,7 +47,10 @@ class DecoderLayer(nnx.Module):
             mixed_BLD = self.mixer(x_BLD, segment_ids_BL)
         else:
             mixed_BLD = self.mixer(x_BLD, _or_ones(segment_ids_BL, h_BLD), positions_BL)
-        h_BLD = h_BLD + self.residual_multiplier * mixed_BLD.astype(h_BLD.dtype)
+        return self.feed_forward(h_BLD + self.residual_multiplier * mixed_BLD.astype(h_BLD.dtype), token_mask_BL)
+
+    def feed_forward(self, h_BLD, token_mask_BL):
+        """The layer's second half, h += r * ffn(norm2(h)): (h [B,L,D], router stats or None)."""
         x_BLD = self.post_attention_layernorm(h_BLD)
         ffn_BLD, stats = 0, None
         if self.shared_mlp is not None:
