@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import threading
 from collections.abc import Sequence
+from queue import Empty
 
 from data_pipelines.engines.part import PartTask, prepare_part
 from data_pipelines.engines.progress import Progress
@@ -29,16 +30,27 @@ def run_local(tasks: Sequence[PartTask], *, workers: int, bar: Progress) -> list
         return [prepare_part(task, report=bar.update) for task in tasks]
     ctx = mp.get_context("spawn")  # fork after jax/grain threads exist is unsafe
     queue = ctx.Queue()
+    done = threading.Event()
 
     def drain():
-        while (item := queue.get()) is not None:
-            bar.update(*item)
+        # Polls rather than waiting for a sentinel: a worker terminated while writing may hold the queue's write
+        # lock forever, and a sentinel put by this process would then never arrive.
+        while True:
+            try:
+                bar.update(*queue.get(timeout=0.1))
+            except Empty:
+                if done.is_set():
+                    return
 
     thread = threading.Thread(target=drain, daemon=True)
     thread.start()
+    pool = ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(queue,))
     try:
-        with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(queue,)) as pool:
-            return list(pool.imap_unordered(_run_in_worker, tasks))
+        parts = list(pool.imap_unordered(_run_in_worker, tasks))
+        pool.close()
+        pool.join()  # workers exit normally, flushing what they put on the queue
+        return parts
     finally:
-        queue.put(None)
+        pool.terminate()
+        done.set()
         thread.join()
