@@ -1,5 +1,6 @@
 """Grouped-query attention without positional encoding (or RoPE), scale `attention_multiplier`, causal within each
-packed document, through `jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU) or, on CPU, the flash-style
+packed document, through `jax.nn.dot_product_attention` (as XLA writes it, or cuDNN's fused kernel on GPU) or, on
+CPU, the flash-style
 `blockwise_attention`; with the sequence sharded over the `context` mesh axis, through `context_parallel.attention`
 (all-gathered or ring-passed keys, blockwise)."""
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from granite_jax import blockwise_attention, context_parallel
+from granite_jax import blockwise_attention, context_parallel, sharding
 from granite_jax.config import resolve_auto
 from granite_jax.params import constant, normal, param
 
@@ -27,6 +28,21 @@ def rope(x_BLNH, positions_BL, theta: float):
 # Query/key block of the blockwise attention on one device: on CPU 256 ran fastest of 128/256/512 at 1K-4K tokens
 # (experiments/benchmarks/attention_bench.py).
 BLOCK = 256
+
+
+def _fused_implementation(impl: str, q_BLNH) -> str | None:
+    """"cudnn" where cuDNN's fused attention takes the shapes (16-bit inputs, head_dim a multiple of 8 up to 128,
+    heads not split over the mesh), else None (XLA's attention). The document mask reaches cuDNN as an additive
+    [B, 1, L, L] bias, which its partitioner cannot split over heads."""
+    if resolve_auto("attention_impl", impl) != "cudnn":
+        return None
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and dict(mesh.shape).get("tensor", 1) > 1:
+        return None
+    head_dim = q_BLNH.shape[-1]
+    if q_BLNH.dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0:
+        return "cudnn"
+    return None
 
 
 def document_causal_mask(segment_ids_BL):
@@ -77,7 +93,14 @@ class Attention(nnx.Module):
             out_BLNH = blockwise_attention.attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, scale=self.scale,
                                                      block=BLOCK)
         else:
-            out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH,
-                                                    mask=document_causal_mask(segment_ids_BL), scale=self.scale)
+            implementation = _fused_implementation(self.impl, q_BLNH)
+            mask_B1LL = document_causal_mask(segment_ids_BL)
+            if implementation == "cudnn":
+                # cuDNN's partitioner wants queries, keys, values and the mask split over the batch alike.
+                batch_only = ("batch", None, None, None)
+                q_BLNH, k_BLKH, v_BLKH, mask_B1LL = (sharding.constrain(a, batch_only)
+                                                     for a in (q_BLNH, k_BLKH, v_BLKH, mask_B1LL))
+            out_BLNH = jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=mask_B1LL, scale=self.scale,
+                                                    implementation=implementation)
         y_BLD = jnp.einsum("blnh,nhd->bld", out_BLNH, self.o_proj[...].astype(self.dtype))
         return y_BLD if self.o_bias is None else y_BLD + self.o_bias[...].astype(self.dtype)

@@ -25,7 +25,7 @@ _DTYPES = ("float32", "bfloat16", "float16")
 SSD_IMPLS = ("auto", "xla", "pallas_gpu", "pallas_tpu")
 MOE_IMPLS = ("auto", "ragged_dot", "blocked", "dense")
 CONTEXT_ATTENTION = ("all_gather", "ring")
-ATTENTION_IMPLS = ("auto", "xla", "blockwise")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blockwise")
 LAYER_LOOPS = ("auto", "scan", "unroll", "interleave")
 # How routed tokens reach their experts (docs/moe.md): "auto" = all-to-all expert parallelism when the mesh shards the
 # experts (ragged on TPU/GPU, padded on CPU), else each device's own tokens through all experts; "local" = one grouped
@@ -109,8 +109,9 @@ class ModelConfig:
     ssd_impl: str = "auto"
     ssd_interpret: bool = False  # run a Pallas SSD kernel in interpret mode (CPU tests)
     moe_impl: str = "auto"  # grouped matmul of the routed experts
-    # One device's attention: "xla" is jax.nn.dot_product_attention (cuDNN's fused kernel on GPU), "blockwise" the
-    # flash-style loop of granite_jax.blockwise_attention; "auto" is blockwise on CPU, xla elsewhere.
+    # One device's attention: "xla" is jax.nn.dot_product_attention as XLA writes it, "cudnn" the same call through
+    # cuDNN's fused flash attention (GPU; bfloat16/float16 with head_dim <= 128, else "xla"), "blockwise" the
+    # flash-style loop of granite_jax.blockwise_attention; "auto" is blockwise on CPU, cudnn on GPU, xla on TPU.
     attention_impl: str = "auto"
     # The layer loop (granite_jax.model). "scan": within the period of the layer pattern each run of equal layer
     # types is a `lax.scan`. "unroll": the period's layers are called one by one (autodiff keeps each layer's
@@ -345,10 +346,10 @@ class ModelConfig:
 # What "auto" means for each kernel and loop choice, per platform; the measurements behind each are in
 # docs/benchmarks.md. For the SSD on GPU "auto" stays: `pallas_kernels.ssd` takes its Pallas kernel when it imports.
 AUTO_CHOICES = {
-    "attention_impl": {"cpu": "blockwise", "gpu": "xla", "tpu": "xla"},
-    "moe_impl": {"cpu": "blocked", "gpu": "ragged_dot", "tpu": "ragged_dot"},
+    "attention_impl": {"cpu": "blockwise", "gpu": "cudnn", "tpu": "xla"},
+    "moe_impl": {"cpu": "blocked", "gpu": "blocked", "tpu": "ragged_dot"},
     "layer_loop": {"cpu": "unroll", "gpu": "scan", "tpu": "scan"},
-    "ssd_impl": {"cpu": "xla", "gpu": "auto", "tpu": "pallas_tpu"},
+    "ssd_impl": {"cpu": "xla", "gpu": "pallas_gpu", "tpu": "pallas_tpu"},
 }
 
 

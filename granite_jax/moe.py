@@ -50,6 +50,7 @@ def block_rows(slots: int, num_experts: int) -> int:
     return int(min(128, max(8, (1 << (mean - 1).bit_length()) // 2)))
 
 
+@jax.named_scope("blocked_experts")  # names the grouped matmul in profiles and compiled HLO
 def blocked_experts(x_TD, w_in_ED2F, w_out_EFD, top_idx_TK, top_w_TK):
     """(token, expert) slots in expert order in blocks of `block_rows` rows, each block one expert's (zero-padded
     at the end of each expert's rows), one batched matmul per projection over all blocks with each block's expert

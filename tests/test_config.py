@@ -90,7 +90,9 @@ def test_for_platform_resolves_only_auto_choices():
     tpu, cpu = cfg.for_platform("tpu"), cfg.for_platform("cpu")
     assert (tpu.attention_impl, tpu.moe_impl, tpu.layer_loop, tpu.ssd_impl) == ("xla", "dense", "scan", "pallas_tpu")
     assert (cpu.attention_impl, cpu.moe_impl, cpu.layer_loop, cpu.ssd_impl) == ("blockwise", "dense", "unroll", "xla")
-    assert cfg.for_platform("gpu").ssd_impl == "auto"  # pallas_kernels.ssd takes its GPU kernel when it imports
+    gpu = cfg.for_platform("gpu")
+    assert (gpu.attention_impl, gpu.moe_impl, gpu.layer_loop, gpu.ssd_impl) == ("cudnn", "dense", "scan", "pallas_gpu")
+    assert preset("debug-hybrid-moe").for_platform("gpu").moe_impl == "blocked"  # docs/moe.md: GPU
 
 
 def test_field_overrides_read_literals_and_plain_strings():

@@ -96,9 +96,9 @@ def check_against_references(impl, inputs, segment_ids, chunk_size, dtype, fwd_t
 
 
 # Odd shapes (head_dim 32, d_state 64, n_groups 2), float32, boundaries everywhere; the kernel chunk is 128 on TPU
-# (lane width) and 32 on GPU; the length is not a multiple of it.
+# (lane width) and 16 on GPU; the length is not a multiple of it.
 ODD_CASES = {"pallas_tpu": dict(chunk_size=128, length=2 * 128 + 37),
-             "pallas_gpu": dict(chunk_size=32, length=3 * 32 + 9)}
+             "pallas_gpu": dict(chunk_size=16, length=3 * 16 + 9)}
 
 
 @pytest.mark.parametrize("impl", KERNELS)
@@ -123,7 +123,7 @@ def test_granite_shapes_bfloat16(impl):
 
 
 @pytest.mark.parametrize("impl", KERNELS)
-def test_without_optional_inputs(impl):
+def test_without_optional_inputs(impl, x64):
     """No D, no initial state, no segment ids: one document starting from a zero state."""
     length = 150
     inputs = make_inputs(3, batch=1, length=length, heads=2, head_dim=16, groups=1, d_state=32)
@@ -145,7 +145,7 @@ def test_without_optional_inputs(impl):
 
 
 @pytest.mark.parametrize("impl", KERNELS)
-def test_no_nans_with_huge_decay(impl):
+def test_no_nans_with_huge_decay(impl, x64):
     """dt*A of about -1e3 per token: every exponent the kernels take must be a clamped, non-positive difference."""
     length = 140
     inputs = make_inputs(7, batch=1, length=length, heads=2, head_dim=16, groups=1, d_state=32)
@@ -165,7 +165,7 @@ def test_no_nans_with_huge_decay(impl):
 
 
 @pytest.mark.parametrize("impl,groups", [("pallas_gpu", 2), ("pallas_tpu", 1)])
-def test_sharded_matches_unsharded(impl, groups):
+def test_sharded_matches_unsharded(impl, groups, x64):
     """Batch over data (2), heads over tensor (2) on 4 of the 8 host devices; value and gradients as unsharded."""
     mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "tensor"))
     core = KERNELS[impl].ssd_core

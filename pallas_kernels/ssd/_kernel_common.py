@@ -40,6 +40,13 @@ def next_power_of_2(v: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(v, 1))))
 
 
+def index_div(i, k: int):
+    """i // k for a non-negative grid index in a BlockSpec index map, as lax.div with k in i's dtype (a bare Python
+    int would become int64 under jax_enable_x64 and lax.div refuses mixed dtypes). lax.div, not //: floor division
+    lowers through sign(), for which Mosaic asks the TPU generation of the current backend."""
+    return jax.lax.div(i, np.asarray(k, dtype=i.dtype))
+
+
 def check_shapes(x, dt, A, B, C, D, initial_state, segment_ids):
     """Raise a ValueError that names the offending argument when shapes disagree with the SSD contract."""
     if x.ndim != 4:
@@ -198,7 +205,8 @@ def make_chunked_core(forward, states, backward):
     forward(x, B, C, tok, init, chunk, interpret) -> (y [b,h,Lp,P] x.dtype, final [b,h,P,N] f32)
     states(x, B, C, tok, init, chunk, interpret) -> S_in per chunk [b,h,nc,P,N] f32 (recomputed in the backward)
     backward(x, B, C, tok, states, dy, dfinal, chunk, interpret) ->
-        (dx, dB per head [b,h,Lp,N], dC per head, dinit, dtok dict with cs, dt, r, w)
+        (dx, dB per head [b,h,Lp,N] (or per part of a head [b,h*k,Lp,N], head-major), dC likewise, dinit,
+         dtok dict with cs, dt, r, w)
     where tok is the dict from `token_scalars`."""
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
@@ -218,8 +226,8 @@ def make_chunked_core(forward, states, backward):
         dx, dB_BHLN, dC_BHLN, dinit, dtok = backward(x, B, C, tok, S_in, dy.astype(x.dtype),
                                                       dfinal.astype(jnp.float32), chunk, interpret)
         b, g = B.shape[:2]
-        h = x.shape[1]
-        per_group = lambda d: d.reshape(b, g, h // g, *d.shape[2:]).sum(axis=2).astype(B.dtype)
+        # dB, dC come per head, or per finer part of a head (group-major): summed per group in one reduction.
+        per_group = lambda d: d.reshape(b, g, -1, *d.shape[2:]).sum(axis=2).astype(B.dtype)
         return (dx.astype(x.dtype), per_group(dB_BHLN), per_group(dC_BHLN), dtok["cs"], dtok["dt"], dtok["r"],
                 dtok["w"], jnp.zeros_like(doc), dinit)
 

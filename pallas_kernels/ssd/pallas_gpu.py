@@ -5,8 +5,11 @@ from Ampere on; Mosaic GPU (the default from 0.11) targets Hopper/Blackwell only
 lowering is confined to this file: the chunk math is shared (`_kernel_common.chunk_forward/backward`), so a Mosaic GPU
 port replaces `_pallas_call` and the three kernels' load/store lines below, nothing else. See docs/kernels.md.
 
-Triton grid axes are parallel, so one program per (batch row, head) runs the sequential pass over chunks as a loop,
-carrying the [p, n] float32 state in registers. Triton needs power-of-two tiles: the chunk is a power of two (capped at
+Triton grid axes are parallel, so one program per (batch row, head, block of P_BLOCK head_dim rows) runs the
+sequential pass over chunks as a loop, carrying its [P_BLOCK, n] float32 slice of the state in registers (the rows of
+the state evolve independently; the B, C and per-token gradients, which sum over head_dim, come out per block and
+are summed outside the kernel). Pallas picks Mosaic GPU by default on jax >= 0.10: the Triton compiler params below
+are what select the Triton lowering. Triton needs power-of-two tiles: the chunk is a power of two (capped at
 `MAX_CHUNK` to bound register pressure; the result does not depend on it), p and n are zero-padded to powers of two
 (>= 16, the smallest tensor-core tile).
 """
@@ -20,29 +23,49 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.ssd import _kernel_common as kc
 
-MAX_CHUNK = 64  # Q x Q float32 tiles live in registers; 64 keeps a 4-warp program under the register file. Tune on GPU.
+# Tile sizes, from ptxas's register report for sm_90a at Granite's shapes (head_dim 64, d_state 128; docs/kernels.md):
+# the backward holds about a dozen [chunk, d_state], [P_BLOCK, d_state] and [chunk, chunk] float32 tiles at once.
+# 8 warps, chunk 16, P_BLOCK 32: 255 registers, no spills. Chunk 32 spills 11 KB per thread; a whole 64-row head_dim
+# per program spills 3 KB even at chunk 16; 4 warps spill 1 KB.
+MAX_CHUNK = 16
+P_BLOCK = 32  # head_dim rows of the state per program (a grid axis): the state's rows evolve independently
 MIN_TILE = 16
+NUM_WARPS = 8
+NUM_STAGES = 1  # the chunk loop is a fori_loop over refs, which Triton does not software-pipeline
 _TOKENS = ("cs", "dt", "doc", "r", "w")
 _D_TOKENS = ("cs", "dt", "r", "w")
 
 
-def _pallas_call(kernel, *, b, h, in_specs, out_specs, out_shape, interpret, name):
-    return pl.pallas_call(kernel, grid=(b, h), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
+def _pallas_call(kernel, *, grid, in_specs, out_specs, out_shape, interpret, name):
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          compiler_params=pltriton.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
                           interpret=interpret, name=name)
 
 
-def _specs(h, g, Lp, p, n, nc):
+def _specs(h, g, Lp, p_blk, n, nc, n_pblk):
+    """Blocks of one program (batch row bi, head hi, head_dim block pi). The state's head_dim rows evolve
+    independently, so a program owns rows [pi * p_blk, (pi + 1) * p_blk) of x, y and the state; what sums over the
+    head_dim (the B, C and per-token gradients) comes out per (head, head_dim block) and is summed outside."""
     hpg = h // g
     sq = pl.squeezed
+    part = lambda hi, pi: hi * n_pblk + pi
     return dict(
-        x=pl.BlockSpec((sq, sq, Lp, p), lambda bi, hi: (bi, hi, 0, 0)),
-        bc=pl.BlockSpec((sq, sq, Lp, n), lambda bi, hi: (bi, jax.lax.div(hi, hpg), 0, 0)),
-        bc_h=pl.BlockSpec((sq, sq, Lp, n), lambda bi, hi: (bi, hi, 0, 0)),
-        tok=pl.BlockSpec((sq, sq, Lp), lambda bi, hi: (bi, hi, 0)),
-        state=pl.BlockSpec((sq, sq, p, n), lambda bi, hi: (bi, hi, 0, 0)),
-        chunk_state=pl.BlockSpec((sq, sq, nc, p, n), lambda bi, hi: (bi, hi, 0, 0, 0)),
+        x=pl.BlockSpec((sq, sq, Lp, p_blk), lambda bi, hi, pi: (bi, hi, 0, pi)),
+        bc=pl.BlockSpec((sq, sq, Lp, n), lambda bi, hi, pi: (bi, kc.index_div(hi, hpg), 0, 0)),
+        bc_part=pl.BlockSpec((sq, sq, Lp, n), lambda bi, hi, pi: (bi, part(hi, pi), 0, 0)),
+        tok=pl.BlockSpec((sq, sq, Lp), lambda bi, hi, pi: (bi, hi, 0)),
+        tok_part=pl.BlockSpec((sq, sq, Lp), lambda bi, hi, pi: (bi, part(hi, pi), 0)),
+        state=pl.BlockSpec((sq, sq, p_blk, n), lambda bi, hi, pi: (bi, hi, pi, 0)),
+        chunk_state=pl.BlockSpec((sq, sq, nc, p_blk, n), lambda bi, hi, pi: (bi, hi, 0, pi, 0)),
     )
+
+
+def _grid_and_specs(x, B, chunk):
+    b, h, Lp, p = x.shape
+    g, n = B.shape[1], B.shape[3]
+    p_blk = min(p, P_BLOCK)
+    nc, n_pblk = Lp // chunk, p // p_blk
+    return (b, h, n_pblk), _specs(h, g, Lp, p_blk, n, nc, n_pblk)
 
 
 def _load_chunk(c, chunk, x_ref, b_ref, c_ref, tok_refs):
@@ -73,16 +96,15 @@ def _forward_kernel(x_ref, b_ref, c_ref, *refs, chunk, nc, emit_states):
 
 def _forward_call(x, B, C, tok, init, chunk, interpret, emit_states):
     b, h, Lp, p = x.shape
-    g, n = B.shape[1], B.shape[3]
-    nc = Lp // chunk
-    s = _specs(h, g, Lp, p, n, nc)
+    n = B.shape[3]
+    grid, s = _grid_and_specs(x, B, chunk)
     if emit_states:
-        out_shape, out_specs = jax.ShapeDtypeStruct((b, h, nc, p, n), jnp.float32), s["chunk_state"]
+        out_shape, out_specs = jax.ShapeDtypeStruct((b, h, Lp // chunk, p, n), jnp.float32), s["chunk_state"]
     else:
         out_shape = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, p, n), jnp.float32))
         out_specs = (s["x"], s["state"])
-    kernel = functools.partial(_forward_kernel, chunk=chunk, nc=nc, emit_states=emit_states)
-    return _pallas_call(kernel, b=b, h=h, in_specs=[s["x"], s["bc"], s["bc"]] + [s["tok"]] * 5 + [s["state"]],
+    kernel = functools.partial(_forward_kernel, chunk=chunk, nc=Lp // chunk, emit_states=emit_states)
+    return _pallas_call(kernel, grid=grid, in_specs=[s["x"], s["bc"], s["bc"]] + [s["tok"]] * 5 + [s["state"]],
                         out_specs=out_specs, out_shape=out_shape, interpret=interpret,
                         name="ssd_states_gpu" if emit_states else "ssd_forward_gpu",
                         )(x, B, C, *(tok[k] for k in _TOKENS), init)
@@ -120,22 +142,24 @@ def _backward_kernel(x_ref, b_ref, c_ref, *refs, chunk, nc):
 
 def _backward(x, B, C, tok, S_in, dy, dfinal, chunk, interpret):
     b, h, Lp, p = x.shape
-    g, n = B.shape[1], B.shape[3]
-    nc = Lp // chunk
-    s = _specs(h, g, Lp, p, n, nc)
+    n = B.shape[3]
+    grid, s = _grid_and_specs(x, B, chunk)
+    parts = h * grid[2]
     f32 = jnp.float32
-    tok_shape = jax.ShapeDtypeStruct((b, h, Lp), f32)
+    tok_shape = jax.ShapeDtypeStruct((b, parts, Lp), f32)
     outs = _pallas_call(
-        functools.partial(_backward_kernel, chunk=chunk, nc=nc), b=b, h=h,
+        functools.partial(_backward_kernel, chunk=chunk, nc=Lp // chunk), grid=grid,
         in_specs=[s["x"], s["bc"], s["bc"]] + [s["tok"]] * 5 + [s["chunk_state"], s["x"], s["state"]],
-        out_specs=[s["x"], s["bc_h"], s["bc_h"]] + [s["tok"]] * 4 + [s["state"]],
-        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, h, Lp, n), f32),
-                   jax.ShapeDtypeStruct((b, h, Lp, n), f32)] + [tok_shape] * 4
+        out_specs=[s["x"], s["bc_part"], s["bc_part"]] + [s["tok_part"]] * 4 + [s["state"]],
+        out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((b, parts, Lp, n), f32),
+                   jax.ShapeDtypeStruct((b, parts, Lp, n), f32)] + [tok_shape] * 4
                   + [jax.ShapeDtypeStruct((b, h, p, n), f32)],
         interpret=interpret, name="ssd_backward_gpu",
     )(x, B, C, *(tok[k] for k in _TOKENS), S_in, dy, dfinal)
     dx, dB, dC, *dtok, dinit = outs
-    return dx, dB, dC, dinit, dict(zip(_D_TOKENS, dtok))
+    # dB and dC stay per (head, head_dim block): the custom_vjp sums them per group in one pass.
+    per_head = lambda d: d.reshape(b, h, grid[2], Lp).sum(axis=2)
+    return dx, dB, dC, dinit, {k: per_head(d) for k, d in zip(_D_TOKENS, dtok)}
 
 
 _chunked_core = kc.make_chunked_core(_forward, _states, _backward)

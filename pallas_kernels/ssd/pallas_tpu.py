@@ -66,11 +66,11 @@ def _specs(b, h, g, Lp, p, n, chunk, reverse=False):
     hpg = h // g
     c_of = (lambda c: nc - 1 - c) if reverse else (lambda c: c)
     sq = pl.squeezed
-    # lax.div, not //: floor division lowers through sign(), for which Mosaic asks the TPU generation of the current
+    # kc.index_div: floor division lowers through sign(), for which Mosaic asks the TPU generation of the current
     # device and so fails to lower off-TPU (jax.export for "tpu" from a CPU host).
     return dict(
         x=pl.BlockSpec((sq, sq, chunk, p), lambda bi, hi, ci: (bi, hi, c_of(ci), 0)),
-        bc=pl.BlockSpec((sq, sq, chunk, n), lambda bi, hi, ci: (bi, jax.lax.div(hi, hpg), c_of(ci), 0)),
+        bc=pl.BlockSpec((sq, sq, chunk, n), lambda bi, hi, ci: (bi, kc.index_div(hi, hpg), c_of(ci), 0)),
         bc_h=pl.BlockSpec((sq, sq, chunk, n), lambda bi, hi, ci: (bi, hi, c_of(ci), 0)),
         rows=pl.BlockSpec((sq, sq, len(_ROWS), chunk), lambda bi, hi, ci: (bi, hi, 0, c_of(ci))),
         drows=pl.BlockSpec((sq, sq, len(_DROWS), chunk), lambda bi, hi, ci: (bi, hi, 0, c_of(ci))),
