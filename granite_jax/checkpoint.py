@@ -8,22 +8,32 @@ Layout (one directory per saved step, written atomically by Orbax: a step direct
         data/        the data iterator's state, one JSON file per process (grain's checkpoint handler)
         meta/        JSON: the ModelConfig fields and the run's full config
 
-Saves are asynchronous (the train loop goes on while Orbax writes) and keep the last K steps. A step that cannot
-be restored (truncated/corrupt files) is reported, moved to WORKDIR/checkpoints_corrupt/, and the previous one is
-tried, so nothing is lost silently and the run re-saves that step number later. With several processes, a step
-counts as restored only when every process restored its part. A checkpoint written by a different model
-architecture, or with a data stream of other settings, is not corrupt: the run stops with `CheckpointMismatch` and
-moves nothing. When checkpoints exist but none can be restored, the run stops too rather than start again from
-step 0.
+Saves are asynchronous (the train loop goes on while Orbax writes) and keep the last K steps.
+
+Resuming on another layout: parameters and optimizer state are resharded by Orbax onto the new mesh, whatever the
+number of processes and devices. The data position follows `train.data_feed`: with "global" every process saved the
+same state of one global stream, so any number of processes resumes it; with "process" each process saved its own
+document shard's position, which only the same number of processes can continue (a `CheckpointMismatch` names the
+two counts).
+
+Nothing here deletes a checkpoint (beyond Orbax's keep-the-last-K). A step that cannot be restored (truncated or
+corrupt files) is reported, left in place, and the previous one is tried; it is kept past keep-the-last-K, and only
+when the run reaches that step again is it moved, whole, to WORKDIR/checkpoints_damaged/<step>-<time>/ so that the
+new state can take its number. With several processes, a step counts as restored only when
+every process restored its part. A checkpoint written by a different model architecture, with a data stream of
+other settings, or on a process layout its data feed cannot follow is not corrupt: the run stops with
+`CheckpointMismatch`. When checkpoints exist but none can be restored, the run stops too rather than start again
+from step 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import json
 import math
 import os
-import shutil
+import re
 import time
 from typing import Any
 
@@ -41,7 +51,7 @@ from granite_jax.optim import path_str
 log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
-CORRUPT_DIR = "checkpoints_corrupt"
+DAMAGED_DIR = "checkpoints_damaged"
 _STATE_ITEMS = ("params", "train")
 
 
@@ -85,19 +95,79 @@ class CheckpointMismatch(ValueError):
     """The workdir's checkpoints belong to a different model or data stream than the run's config describes."""
 
 
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+class DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's handler (one `process_<i>-of-<n>.json` per process), restoring across process counts where the
+    stream allows it: a state saved by another number of processes is taken from process 0's file when every
+    process saved the same state (one global stream, `train.data_feed="global"`); per-process shards of a
+    different count are a `StreamMismatch` naming both counts."""
+
+    def restore(self, directory, item=None, args=None):
+        item = item or args.item
+        index, count = jax.process_index(), jax.process_count()
+        saved = sorted((int(m[2]), int(m[1]), f.name) for f in directory.iterdir()
+                       if (m := _DATA_FILE.fullmatch(f.name)))
+        counts = {c for c, _, _ in saved}
+        if count in counts or not saved:  # the same layout (or nothing saved: grain reports the missing file)
+            return super().restore(directory, item=item, args=args)
+        if len(counts) > 1:
+            raise ValueError(f"{directory} holds data states of several process counts {sorted(counts)}")
+        (saved_count,) = counts
+        states = {name: json.loads((directory / name).read_text()) for _, _, name in saved}
+        if len(states) != saved_count or len({json.dumps(s, sort_keys=True) for s in states.values()}) > 1:
+            raise StreamMismatch(
+                f"the data position was saved by {saved_count} processes each reading its own document shard "
+                f"(train.data_feed='process'); {count} process(es) cannot continue those shards. Resume with "
+                f"{saved_count} processes, or start a new --workdir (train.data_feed='global' runs can change "
+                "their number of processes)")
+        log.info("data iterator state saved by %d process(es), restored on %d (one global stream)", saved_count,
+                 count)
+        item.set_state(states[saved[0][2]])
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@dataclasses.dataclass
+class _KeepSteps:
+    """An Orbax preservation policy: keeps the steps of a set that may grow while the manager runs."""
+    steps: set[int]
+
+    def should_preserve(self, checkpoints, *, context) -> list[bool]:
+        return [c.step in self.steps for c in checkpoints]
+
+
 class Checkpointer:
     """Saves and restores train states (`train_step` layout) with the data iterator and run metadata."""
 
     def __init__(self, workdir: str, *, keep: int, use_async: bool = True):
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, CHECKPOINT_DIR)
+        self._damaged: set[int] = set()  # steps found unrestorable: kept, never written over
         self._manager = self._open(keep, use_async)
         self._last_saved: int | None = None
 
     def _open(self, keep: int, use_async: bool) -> ocp.CheckpointManager:
         handlers = {"params": ocp.StandardCheckpointHandler(), "train": ocp.StandardCheckpointHandler(),
-                    "data": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=use_async, create=True)
+                    "data": DataHandler(), "meta": ocp.JsonCheckpointHandler()}
+        policies = ocp.checkpoint_managers
+        keep_damaged = _KeepSteps(self._damaged)
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=use_async, create=True,
+            preservation_policy=policies.AnyPreservationPolicy([policies.LatestN(keep), keep_damaged]))
         return ocp.CheckpointManager(self.directory, item_handlers=handlers, options=options)
 
     def all_steps(self) -> list[int]:
@@ -108,22 +178,25 @@ class Checkpointer:
 
     def save(self, step: int, state: dict, data_iterator, meta: dict) -> None:
         """Starts saving `state` (and the iterator's state, read now) as step `step`; returns before writing ends."""
+        if step in self._damaged:
+            self._set_aside(step)
         if step == self._last_saved or step in self._manager.all_steps():
             return
         self._last_saved = step
         params, rest = _split(state)
         args = ocp.args.Composite(params=ocp.args.StandardSave(params, save_args=_params_save_args(params)),
                                   train=ocp.args.StandardSave(rest),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta))
+                                  data=DataSave(data_iterator), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
 
     def restore(self, abstract_state: dict, shardings: dict, data_iterator,
                 model_cfg: ModelConfig | None = None) -> dict | None:
         """The latest restorable train state (placed with `shardings`) and the iterator set to its state; None when
-        there is no checkpoint. Unrestorable steps are reported, moved aside, and the previous one is tried.
+        there is no checkpoint. Unrestorable steps are reported and left in place, and the previous one is tried.
 
-        Raises CheckpointMismatch when a step was saved by a model whose architecture differs from `model_cfg`,
-        and RuntimeError when there were checkpoints but none could be restored."""
+        Raises CheckpointMismatch when a step was saved by a model whose architecture differs from `model_cfg` or
+        with a data stream (settings, process layout) this run cannot continue, and RuntimeError when there were
+        checkpoints but none could be restored."""
         steps = self.all_steps()
         for step in reversed(steps):
             self._check_architecture(step, model_cfg)
@@ -138,11 +211,11 @@ class Checkpointer:
             if mismatch is not None:
                 raise CheckpointMismatch(f"checkpoint {os.path.join(self.directory, str(step))}: {mismatch}. "
                                          "Nothing was moved or deleted.") from error
-            self._quarantine(step, error or RuntimeError("another process could not restore its part"))
+            self._report_damaged(step, error or RuntimeError("another process could not restore its part"))
         if steps:
-            raise RuntimeError(f"none of the checkpoints {steps} under {self.directory} could be restored; they "
-                               f"were moved to {os.path.join(self.workdir, CORRUPT_DIR)} (errors above). Inspect "
-                               "them; run again to start this workdir from step 0, or use a new --workdir")
+            raise RuntimeError(f"none of the checkpoints {steps} under {self.directory} could be restored (errors "
+                               "above); nothing was moved or deleted. Inspect them, then move them away to start "
+                               "this workdir from step 0, or use a new --workdir")
         return None
 
     def _check_architecture(self, step: int, model_cfg: ModelConfig | None) -> None:
@@ -166,25 +239,33 @@ class Checkpointer:
         params_abs, rest_abs = _split(_abstract(abstract_state, shardings))
         restored = self._manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(params_abs), train=ocp.args.StandardRestore(rest_abs),
-            data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            data=DataRestore(data_iterator)))
         state = _unflat(abstract_state, {**{f"params.{k}": v for k, v in restored["params"].items()},
                                          **restored["train"]})
         if int(state["step"]) != step:
             raise ValueError(f"checkpoint {step} holds train step {int(state['step'])}")
         return state
 
-    def _quarantine(self, step: int, error: Exception) -> None:
+    def _set_aside(self, step: int) -> None:
+        """Moves the damaged step `step` to WORKDIR/checkpoints_damaged/ so that the run can save that step anew."""
         path = os.path.join(self.directory, str(step))
-        target = os.path.join(self.workdir, CORRUPT_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
-        log.error("checkpoint %s cannot be restored (%s: %s); moving it to %s and trying the previous one",
-                  path, type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", target)
+        target = os.path.join(self.workdir, DAMAGED_DIR, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        log.warning("saving step %d anew: its unrestorable checkpoint is kept in %s", step, target)
+        self._manager.wait_until_finished()
         if jax.process_index() == 0 and os.path.isdir(path):
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.move(path, target)
+            os.rename(path, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices(f"granite_jax_quarantine_{step}")
+            multihost_utils.sync_global_devices(f"granite_jax_set_aside_{step}")
+        self._damaged.discard(step)
         self._manager.reload()
+
+    def _report_damaged(self, step: int, error: Exception) -> None:
+        self._damaged.add(step)
+        log.error("checkpoint %s cannot be restored (%s: %s); it is kept as it is, trying the previous one",
+                  os.path.join(self.directory, str(step)), type(error).__name__,
+                  str(error).splitlines()[0][:300] if str(error) else "")
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

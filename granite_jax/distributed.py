@@ -9,6 +9,13 @@ Order of precedence:
   3. otherwise a single process (nothing to initialise).
 
 On CPU the processes talk through gloo collectives, which is how the tests run 2 processes on one machine.
+
+A process that dies (host lost, OOM-killed, `kill -9`) must not leave the others waiting in a collective for
+hours: jax's coordination service (run by process 0) marks a process dead when its heartbeats stop for
+`--heartbeat_timeout_s` and makes every other process abort, its log naming the lost one ("Task 1 heartbeat
+timeout", "tasks are unhealthy (stopped sending heartbeats): 1"); when process 0 itself dies the others lose the
+service and abort the same way. The job then exits non-zero and the launcher's restart path (SLURM --requeue, the
+JobSet's failure policy, launch/local.sh's retries) resumes it from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import jax
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 1234
+HEARTBEAT_TIMEOUT_S = 100  # jax's default: a lost process is noticed within about this time
+SHUTDOWN_TIMEOUT_S = 120  # how long a finishing process waits at exit for the others to finish too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +38,8 @@ class DistributedArgs:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S
+    shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S
 
 
 def add_flags(parser) -> None:
@@ -37,6 +48,16 @@ def add_flags(parser) -> None:
                         help="HOST:PORT of process 0's coordinator (multi-process runs)")
     parser.add_argument("--num_processes", type=int, default=None, help="number of processes in the job")
     parser.add_argument("--process_id", type=int, default=None, help="this process's index, 0..num_processes-1")
+    parser.add_argument("--heartbeat_timeout_s", type=int, default=HEARTBEAT_TIMEOUT_S,
+                        help="seconds without heartbeats after which a process counts as dead and all the others "
+                             "exit non-zero (default %(default)s)")
+    parser.add_argument("--shutdown_timeout_s", type=int, default=SHUTDOWN_TIMEOUT_S,
+                        help="seconds a finished process waits at exit for the others (default %(default)s)")
+
+
+def args_from(namespace) -> DistributedArgs:
+    """The `DistributedArgs` of a parser that `add_flags` extended."""
+    return DistributedArgs(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(DistributedArgs)})
 
 
 def detect(args: DistributedArgs, env: dict[str, str] | None = None) -> tuple[str, dict] | None:
@@ -75,9 +96,13 @@ def initialize(args: DistributedArgs) -> None:
     if found is None:
         return
     launcher, kwargs = found
+    for name in ("heartbeat_timeout_s", "shutdown_timeout_s"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)}: must be at least 1 second")
     if jax.config.jax_platforms and "cpu" in jax.config.jax_platforms.split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**kwargs)
+    jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=args.heartbeat_timeout_s,
+                               shutdown_timeout_seconds=args.shutdown_timeout_s)
     log.info("jax.distributed initialised (%s): process %d of %d, %d local / %d global devices", launcher,
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 

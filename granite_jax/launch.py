@@ -45,16 +45,19 @@ def fill(template: str, values: dict) -> str:
     return out
 
 
-def train_argv(config: str, workdir: str, overrides: list[str], python: str = "python") -> list[str]:
+def train_argv(config: str, workdir: str, overrides: list[str], python: str = "python",
+               heartbeat_timeout_s: int | None = None) -> list[str]:
+    timeout = [] if heartbeat_timeout_s is None else [f"--heartbeat_timeout_s={heartbeat_timeout_s}"]
     return [python, "-m", "granite_jax.cli", "train", "--config", config, "--workdir", workdir, "--no_progress",
-            *(f"--config.{o}" for o in overrides)]
+            *timeout, *(f"--config.{o}" for o in overrides)]
 
 
 def layout(args) -> tuple[int, int]:
     """(devices, processes) of the requested job."""
     if args.target == "slurm":
         tasks = args.tasks_per_node or args.gpus_per_node
-        return args.nodes * args.gpus_per_node, args.nodes * tasks
+        # CPU nodes (--gpus-per-node 0): one CPU device per process
+        return args.nodes * (args.gpus_per_node or tasks), args.nodes * tasks
     if args.target == "tpu-vm":
         hosts = args.nodes * args.slices
         return hosts * TPU_CHIPS_PER_HOST, hosts
@@ -68,11 +71,13 @@ def render(args, overrides: list[str]) -> str:
     remote = args.remote_dir or os.getcwd()
     with open(os.path.join(LAUNCH_DIR, TARGETS[args.target][0])) as f:
         template = f.read()
-    argv = train_argv(args.config, args.workdir, overrides)
+    argv = train_argv(args.config, args.workdir, overrides, heartbeat_timeout_s=args.heartbeat_timeout)
     if args.target == "slurm":
         tasks = args.tasks_per_node or args.gpus_per_node
+        gpus = f"#SBATCH --gpus-per-node={args.gpus_per_node}" if args.gpus_per_node else "# CPU nodes: no GPUs"
         return fill(template, dict(
-            name=name, nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node,
+            name=name, nodes=args.nodes, tasks_per_node=tasks, gpus_per_node=args.gpus_per_node, gpus_line=gpus,
+            max_restarts=args.max_restarts,
             cpus_per_task=args.cpus_per_task, log_dir=shlex.quote(args.log_dir or args.workdir),
             sbatch_extra="\n".join(f"#SBATCH {a}" for a in args.sbatch_arg), cwd=shlex.quote(remote),
             setup=args.setup, workdir=shlex.quote(args.workdir), train_command=shlex.join(argv)))
@@ -134,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--remote-dir", default=None, help="repository checkout on the hosts (default: here)")
     parser.add_argument("--no-check", action="store_true", help="skip loading/validating the config locally")
     g = parser.add_argument_group("slurm")
-    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--gpus-per-node", type=int, default=8, help="0: CPU nodes (give --tasks-per-node)")
     g.add_argument("--tasks-per-node", type=int, default=None,
                    help="JAX processes per node (default: one per GPU; 1 = one process drives all the node's GPUs)")
     g.add_argument("--cpus-per-task", type=int, default=12)
@@ -150,14 +155,23 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--accelerator", default="tpu-v5p-slice", choices=tuple(GKE_ACCELERATORS), help="gke")
     g.add_argument("--topology", default="4x4x8", help="gke TPU: the slice topology node selector")
     g.add_argument("--image", default="REGISTRY/granite-jax:latest", help="gke: container image")
-    g.add_argument("--max-restarts", type=int, default=3, help="gke: JobSet restarts (each resumes)")
+    parser.add_argument("--max-restarts", type=int, default=3,
+                        help="slurm: srun attempts after a failed one; gke: JobSet restarts (each resumes)")
+    parser.add_argument("--heartbeat-timeout", type=int, default=None, metavar="SECONDS",
+                        help="seconds after which a silent process counts as dead and the others exit (the "
+                             "trainer's --heartbeat_timeout_s; default: its default)")
     from granite_jax.train import split_overrides
 
     overrides, rest = split_overrides(list(sys.argv[1:] if argv is None else argv))
     args = parser.parse_args(rest)
-    for flag in ("nodes", "slices", "gpus_per_node"):
+    for flag in ("nodes", "slices"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.gpus_per_node < 0 or (args.gpus_per_node == 0 and not args.tasks_per_node):
+        parser.error(f"--gpus-per-node={args.gpus_per_node}: give a GPU count, or 0 (CPU nodes) with "
+                     "--tasks-per-node")
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts={args.max_restarts}: must be >= 0")
     try:
         if not args.no_check:
             _check_config(args, overrides)
@@ -183,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"granite-jax launch: wrote {path}; {problem}", file=sys.stderr)
         return 2
+    if args.target == "slurm":  # slurm opens its output file before the job starts: the folder must exist
+        os.makedirs(args.log_dir or args.workdir, exist_ok=True)
     command = {"slurm": ["sbatch", path], "tpu-vm": ["bash", path], "gke": ["kubectl", "apply", "-f", path]}
     print(f"granite-jax launch: wrote {path}; running {shlex.join(command[args.target])}", flush=True)
     return subprocess.call(command[args.target])

@@ -379,8 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
     try:
         cfg = load_config(args.config, overrides)
-        distributed.initialize(distributed.DistributedArgs(args.coordinator_address, args.num_processes,
-                                                           args.process_id))
+        distributed.initialize(distributed.args_from(args))
         import jax
         validate(cfg, jax.device_count(), jax.process_count())
     except ValueError as e:

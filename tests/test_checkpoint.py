@@ -1,7 +1,9 @@
 """Checkpoints of real runs (subprocesses of `granite-jax train` on a tiny model): exact resume after SIGKILL,
-SIGTERM saves at the step it was received and exits 0, a truncated latest checkpoint falls back to the previous one,
-and `restore_model` gives the trained model back."""
+SIGTERM saves at the step it was received and exits 0, a truncated latest checkpoint falls back to the previous one
+and is kept, and `restore_model` gives the trained model back. The data state of another process count: restored
+when all processes saved one global stream, a clear error naming both counts for per-process shards."""
 
+import json
 import os
 import signal
 import subprocess
@@ -93,15 +95,24 @@ def test_truncated_latest_checkpoint_falls_back_to_the_previous(setup, uninterru
     _truncate_params(workdir, latest)
     open(workdir / "metrics.jsonl", "w").close()
 
+    damaged_bytes = _params_bytes(workdir / "checkpoints" / str(latest))
+
     proc = run_train(config, workdir, *OVERRIDES, cache_dir=cache)
     assert f"checkpoint {workdir}/checkpoints/{latest} cannot be restored" in proc.stderr
-    assert os.listdir(workdir / "checkpoints_corrupt")[0].startswith(f"{latest}-")
+    # kept where it was until the run saved that step anew; then set aside whole, never deleted
+    (kept,) = os.listdir(workdir / "checkpoints_damaged")
+    assert kept.startswith(f"{latest}-") and _params_bytes(workdir / "checkpoints_damaged" / kept) == damaged_bytes
     redone = losses(workdir)
     previous = _steps(uninterrupted)[-2]
     assert sorted(redone) == list(range(previous + 1, STEPS + 1))
     reference = losses(uninterrupted)
     assert all(redone[s] == reference[s] for s in redone)
     assert _steps(workdir)[-1] == STEPS
+
+
+def _params_bytes(step_dir) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), step_dir): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(step_dir / "params") for f in fs}
 
 
 def _truncate_params(workdir, step):
@@ -139,7 +150,8 @@ def test_when_no_checkpoint_can_be_restored_the_run_stops(setup, uninterrupted, 
     proc = subprocess.run(train_cmd(config, workdir, *OVERRIDES), env=subprocess_env(1, cache), cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and f"none of the checkpoints {steps}" in proc.stderr, proc.stderr[-3000:]
-    assert len(os.listdir(workdir / "checkpoints_corrupt")) == len(steps) and not _steps(workdir)
+    assert "nothing was moved or deleted" in proc.stderr
+    assert _steps(workdir) == steps and not os.path.exists(workdir / "checkpoints_damaged")
 
 
 @pytest.mark.slow
@@ -172,3 +184,40 @@ def test_expert_load_is_logged_every_logged_step(uninterrupted):
         np.testing.assert_allclose(record["expert_max_over_mean"], load.max(axis=-1) * experts, rtol=1e-3)
         assert record["expert_max_over_mean_worst"] == pytest.approx(load.max() * experts, rel=1e-3)
         assert record["expert_unused_fraction_worst"] == pytest.approx(np.mean(load <= 0, axis=-1).max())
+
+
+def _batches(corpus, **kwargs):
+    import data_pipelines
+    from data_pipelines.config import default_data_config
+
+    cfg = default_data_config()
+    cfg.sources = [{"name": "syn", "path": corpus, "weight": 1.0}]
+    return data_pipelines.make_batches(cfg, batch_size=4, seq_len=32, seed=0, vocab_size=256, **kwargs)
+
+
+def _write_states(directory, states):
+    directory.mkdir()
+    for i, state in enumerate(states):
+        (directory / f"process_{i}-of-{len(states)}.json").write_text(json.dumps(state))
+
+
+def test_data_state_of_another_process_count(setup, tmp_path):
+    from etils import epath
+
+    from data_pipelines.stream import StreamMismatch
+    from granite_jax.checkpoint import DataHandler
+
+    corpus = os.path.join(os.path.dirname(setup[0]), "corpus")
+    stream = _batches(corpus)
+    next(stream), next(stream)
+    _write_states(tmp_path / "global", [stream.get_state()] * 2)  # data_feed=global: 2 processes, one stream
+    resumed = DataHandler().restore(epath.Path(tmp_path / "global"), item=_batches(corpus))
+    expected, got = next(stream), next(resumed)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+
+    shards = [_batches(corpus, process_index=i, process_count=2) for i in range(2)]  # data_feed=process
+    _write_states(tmp_path / "process", [next(s) and s.get_state() for s in shards])
+    with pytest.raises(StreamMismatch, match=r"saved by 2 processes each reading its own document shard.*1 "
+                                             r"process\(es\) cannot continue"):
+        DataHandler().restore(epath.Path(tmp_path / "process"), item=_batches(corpus))
+    assert sorted(os.listdir(tmp_path / "process")) == ["process_0-of-2.json", "process_1-of-2.json"]

@@ -27,6 +27,18 @@ def _bash_n(tmp_path, text) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+def test_slurm_renders_cpu_nodes_and_a_restart_loop(capsys, tmp_path):
+    text = _render(capsys, "--target", "slurm", "--config", "experiments/quickstart.py", "--workdir", "w",
+                   "--gpus-per-node", "0", "--tasks-per-node", "2", "--max-restarts", "2", "--heartbeat-timeout", "60")
+    _bash_n(tmp_path, text)
+    assert "--gpus-per-node" not in text and "#SBATCH --requeue" in text and "seq 0 2" in text
+    assert "--heartbeat_timeout_s=60" in text
+    with pytest.raises(SystemExit):  # CPU nodes need the process count
+        launch.main(["--target", "slurm", "--config", "experiments/quickstart.py", "--workdir", "w",
+                     "--gpus-per-node", "0", "--dry-run"])
+    assert "--gpus-per-node=0: give a GPU count, or 0 (CPU nodes) with --tasks-per-node" in capsys.readouterr().err
+
+
 def test_slurm_renders_a_multi_node_job(capsys, tmp_path):
     text = _render(capsys, "--target", "slurm", "--config", f"{TINY}:h100x64", "--workdir", WORKDIR, "--nodes", "8",
                    "--sbatch-arg=--partition=h100", "--setup", "source .venv/bin/activate",
@@ -75,6 +87,27 @@ def test_gke_renders_a_jobset(capsys, accelerator, slices, nodes, config):
     else:
         assert container["resources"]["limits"] == {"nvidia.com/gpu": 8}
         assert env["WORLD_SIZE"]["value"] == "8" and env["JAX_COORDINATOR_ADDRESS"]["value"].endswith(":1234")
+
+
+@pytest.mark.parametrize("accelerator, slices, nodes, config", [
+    ("tpu-v5p-slice", 2, 32, f"{TINY}:v5p-256x2"),
+    ("nvidia-h100-80gb", 1, 8, f"{TINY}:h100x64"),
+])
+def test_gke_jobset_validates_against_the_jobset_crd_schema(capsys, accelerator, slices, nodes, config):
+    """tests/data/jobset_v1alpha2_schema.json: the CRD's openAPIV3Schema (its source and version in `$comment`)."""
+    import json
+
+    import jsonschema
+
+    with open(os.path.join(REPO, "tests", "data", "jobset_v1alpha2_schema.json")) as f:
+        schema = json.load(f)
+    validator = jsonschema.Draft7Validator(schema)
+    manifest = yaml.safe_load(_render(capsys, "--target", "gke", "--config", config, "--workdir", WORKDIR,
+                                      "--nodes", str(nodes), "--slices", str(slices), "--accelerator", accelerator))
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(manifest)]
+    assert not errors, errors
+    manifest["spec"]["replicatedJobs"][0]["replicas"] = str(slices)  # the schema does catch a wrong type
+    assert not validator.is_valid(manifest)
 
 
 def test_a_layout_the_mesh_cannot_use_is_a_clear_error(capsys):
