@@ -28,7 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from data_pipelines.engines import PartTask, Progress, part_settings, run_tasks
+from data_pipelines.engines import ENGINES, PartTask, Progress, part_settings, run_tasks
 from data_pipelines.formats import input_format
 from data_pipelines.manifest import (  # noqa: F401  (MANIFEST_FORMAT, merge_manifests: re-exported)
     MANIFEST_FORMAT,
@@ -127,6 +127,8 @@ def prepare(
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise ValueError(f"--shard {i}/{n}: expected I/N with 0 <= I < N, e.g. --shard 0/4")
+    if engine not in ENGINES:
+        raise ValueError(f"--engine {engine!r}: expected one of {', '.join(ENGINES)}")
     if workers is not None and workers < 1:
         raise ValueError(f"--workers {workers}: expected a positive count")
     out_abs = os.path.abspath(options.out)

@@ -239,3 +239,18 @@ def test_demo_corpus_holds_out_an_eval_split(tmp_path):
     assert prepare_main(["--demo", "--out", str(tmp_path / "plain"), "--demo-eval-every", "0", "--workers", "1",
                          "--no-progress"]) == 0
     assert not os.path.exists(tmp_path / "plain" / "eval")
+
+
+def test_an_unknown_engine_or_a_bad_worker_count_is_a_clear_error(tmp_path, tokenizer_path, capsys):
+    _write_corpus(tmp_path / "raw")
+    options = PrepareOptions(tokenizer_path, str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"--engine 'spark': expected one of local, ray"):
+        prepare([str(tmp_path / "raw")], options, engine="spark")
+    with pytest.raises(ValueError, match="--workers 0: expected a positive count"):
+        prepare([str(tmp_path / "raw")], options, workers=0)
+    with pytest.raises(SystemExit):
+        prepare_main(["--input", str(tmp_path / "raw"), "--tokenizer", tokenizer_path, "--out", str(tmp_path / "o"),
+                      "--ray-address", "auto"])
+    assert "--ray-address needs --engine ray" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--from-dpk reads the Parquet files"):
+        prepare([str(tmp_path / "raw" / "a.jsonl")], PrepareOptions(tokenizer_path, str(tmp_path / "o"), from_dpk=True))

@@ -102,16 +102,23 @@ def grain_packer(path: str, seconds: float, *, in_memory: bool):
     return time_iterator(renamed(), seconds)
 
 
-def prepare_rate(demo_dir: str, out: str, workers: int, copies: int = 4) -> float:
-    """Prepare tokens/s on `copies` x the demo's raw JSONL files (so that process start-up is amortised)."""
+def prepare_input(demo_dir: str, raw: str, copies: int = 4) -> str:
+    """`raw`, holding `copies` x the demo's raw JSONL files (so that process start-up is amortised)."""
     import shutil
 
-    raw = os.path.join(os.path.dirname(out), "prepare_input")
     if not os.path.isdir(raw):
         os.makedirs(raw)
         for k in range(copies):
             for name in sorted(os.listdir(os.path.join(demo_dir, "raw"))):
                 shutil.copyfile(os.path.join(demo_dir, "raw", name), os.path.join(raw, f"{k}-{name}"))
+    return raw
+
+
+def prepare_rate(demo_dir: str, out: str, workers: int, copies: int = 4) -> float:
+    """Prepare tokens/s on `copies` x the demo's raw JSONL files."""
+    import shutil
+
+    raw = prepare_input(demo_dir, os.path.join(os.path.dirname(out), "prepare_input"), copies)
     shutil.rmtree(out, ignore_errors=True)
     options = PrepareOptions(tokenizer=os.path.join(demo_dir, "tokenizer.json"), out=out)
     start, cpu = time.perf_counter(), cpu_seconds()
