@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 from collections import Counter
 from collections.abc import Sequence
 
@@ -15,9 +16,15 @@ from data_pipelines.formats import SKIP_REASONS
 MANIFEST_FORMAT = "granite-jax/tokens-v1"
 
 
+def temporary_name(path: str) -> str:
+    """A name beside `path` that no other process writes, on any node sharing the filesystem (a Ray retry may run
+    while the attempt it replaces still lives on another node)."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
 def write_json(path: str, obj) -> None:
     """Writes `obj` to `path` atomically (temporary name, then rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = temporary_name(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(tmp, path)

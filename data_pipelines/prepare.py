@@ -38,6 +38,7 @@ from data_pipelines.manifest import (  # noqa: F401  (MANIFEST_FORMAT, merge_man
     part_is_current,
     remove,
     stale_parts,
+    temporary_name,
 )
 from data_pipelines.shards import synthetic_identity, write_token_documents  # noqa: F401  (re-exported)
 
@@ -152,8 +153,8 @@ def prepare(
         invalidate(options.out, stale)
     tok_copy = os.path.join(options.out, "tokenizer.json")
     if os.path.abspath(options.tokenizer) != os.path.abspath(tok_copy):
-        shutil.copyfile(options.tokenizer, f"{tok_copy}.tmp-{os.getpid()}")
-        os.replace(f"{tok_copy}.tmp-{os.getpid()}", tok_copy)
+        shutil.copyfile(options.tokenizer, temporary_name(tok_copy))
+        os.replace(temporary_name(tok_copy), tok_copy)
     if engine == "local":
         workers = max(1, min(workers or _cpu_count(), len(todo) or 1))
     started = time.perf_counter()

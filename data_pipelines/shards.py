@@ -8,7 +8,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_pipelines.manifest import invalidate, merge_manifests, part_path, remove, shard_rel, stale_parts, write_json
+from data_pipelines.manifest import (
+    invalidate,
+    merge_manifests,
+    part_path,
+    remove,
+    shard_rel,
+    stale_parts,
+    temporary_name,
+    write_json,
+)
 
 ARRAY_RECORD_OPTIONS = "group_size:1"  # one record per chunk: fast random access for global shuffling
 
@@ -22,7 +31,7 @@ class ShardWriter:
         self.out, self.index, self.identity = out, index, identity
         self.dtype = np.dtype(identity["dtype"]).newbyteorder("<")
         self.shard_rel = shard_rel(index)
-        self._tmp = os.path.join(out, f"{self.shard_rel}.tmp-{os.getpid()}")
+        self._tmp = temporary_name(os.path.join(out, self.shard_rel))
         self._writer = ArrayRecordWriter(self._tmp, ARRAY_RECORD_OPTIONS)
         self.documents = self.tokens = self.max_document_tokens = self.max_token_id = 0
 
