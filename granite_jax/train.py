@@ -228,7 +228,7 @@ def _check_stages(cfg, context: int, process_count: int) -> None:
     t = cfg.train
     feed_global = t.data_feed == "global"
     for stage, rows in _data_stages(cfg, process_count):
-        where = f"data.stages[{stage.index}]" if cfg.data.stages else "train"
+        where = f"data.stages[{stage.index}]" if cfg.data.get("stages") else "train"
         if rows % (t.grad_accum_steps * process_count):
             raise ValueError(f"{where}: batch_size={stage.batch_size} per {'step' if feed_global else 'process'} "
                              f"must give whole micro-batches: {rows} rows per step, a multiple of "

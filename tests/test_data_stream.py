@@ -283,3 +283,15 @@ def test_a_data_config_missing_a_required_key_or_holding_an_unknown_one_names_it
         dp.make_batches(ml_collections.ConfigDict({"shuffle": True, "num_epochs": 1}), **kw)
     with pytest.raises(ValueError, match=r"data config: unknown keys \['num_epoch'\]"):
         dp.make_batches({"sources": [{"name": "a", "path": short_corpus, "weight": 1.0}], "num_epoch": 1}, **kw)
+
+
+def test_training_validates_a_minimal_data_config(short_corpus):
+    import jax
+    import ml_collections
+
+    from granite_jax import train
+
+    cfg = train.default_config()
+    cfg.data = ml_collections.ConfigDict({"sources": [{"name": "a", "path": short_corpus, "weight": 1.0}],
+                                          "shuffle": True, "num_epochs": 1})
+    train.validate(cfg, n_devices=jax.device_count())  # the data stages' checks read optional keys by default
