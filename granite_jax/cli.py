@@ -15,6 +15,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("granite_jax.export:verify_main", "check an exported, signed model folder against its model.sig"),
     "import": ("granite_jax.hf_import:main", "write a Hugging Face Granite 4.0 folder as the step-0 checkpoint of a run"),
     "prepare": ("data_pipelines.cli:prepare_main", "tokenize raw text into ArrayRecord shards (or --demo)"),
+    "generate": ("granite_jax.inference.cli:generate_main", "continue prompts with a checkpoint or a HF folder"),
+    "eval": ("granite_jax.inference.cli:eval_main", "score a checkpoint on lm-evaluation-harness tasks"),
     "sweep": ("granite_jax.sweep:main", "run a sweep (experiments/sweeps/*.py) locally or as a SLURM array job"),
     "sweep-report": ("granite_jax.sweep_report:main", "rewrite a sweep's summary.csv/.md and loss_curves.png"),
     "launch": ("granite_jax.launch:main", "render and submit a training job: --target slurm | tpu-vm | gke"),
