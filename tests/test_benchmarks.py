@@ -1,6 +1,7 @@
 """The measuring helpers of the benchmark scripts count what they claim to count."""
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -31,3 +32,23 @@ def test_step_matmuls_counts_scan_steps_and_leaves_out_conditional_products():
     assert sorted((mm.lhs.shape, mm.rhs.shape, n) for mm, n in counts.items()) == [((4, 8), (8, 16), 3),
                                                                                    ((4, 16), (16, 8), 3)]
     assert {mm.rhs.shape: mm.flops for mm in counts} == {(8, 16): 2 * 4 * 8 * 16, (16, 8): 2 * 4 * 16 * 8}
+
+
+def test_device_suite_fits_its_8_minutes_and_reports_each_stage(tmp_path, monkeypatch):
+    """The stages' time limits add up to under 8 minutes, and a failing or hanging stage costs only its own row."""
+    suite = _script("device_suite")
+    real = suite.stages(smoke=False, workdir=str(tmp_path))
+    assert [name for name, _, _ in real] == ["kernels", "ssd_bench", "mfu_bench", "moe_flops", "train_50"]
+    assert sum(limit for _, _, limit in real) <= 8 * 60
+    fake = [("passes", [sys.executable, "-c", "print('figure 1')"], 30),
+            ("fails", [sys.executable, "-c", "import sys; print('why', file=sys.stderr); sys.exit(3)"], 30),
+            ("hangs", [sys.executable, "-c", "import time; time.sleep(30)"], 1)]
+    monkeypatch.setattr(suite, "stages", lambda smoke, workdir: fake)
+    monkeypatch.setattr(suite, "device_line", lambda: "test device")
+    out = tmp_path / "suite"
+    assert suite.main(["--out", str(out)]) == 1
+    rows = {r["stage"]: r for r in json.loads((tmp_path / "suite.json").read_text())["stages"]}
+    assert rows["passes"]["status"] == "ok" and rows["passes"]["output_tail"] == ["figure 1"]
+    assert rows["fails"]["status"] == "exit 3" and "why" in rows["fails"]["output_tail"]
+    assert rows["hangs"]["status"] == "timed out after 1 s"
+    assert "| fails | exit 3 |" in (tmp_path / "suite.md").read_text()
