@@ -3,6 +3,9 @@ inputs, Ray's start-up and per-task overhead, and the projected wall time of a 2
 
     python experiments/benchmarks/prepare_bench.py [--copies 4] [--cluster-cores 1000] [--corpus-tokens 22e12]
 
+A last row converts the same documents from the Parquet layout of Data Prep Kit's tokenization transform
+(`--from-dpk`): the cost of reading DPK-tokenized data instead of tokenizing the text again.
+
 Input: `--copies` x the demo's raw JSONL (Python's standard library, ~1M tokens per copy in 4 files), built in
 --work. Every run writes a fresh output directory; each Ray run's output is compared with the local one's byte for
 byte. Ray's start-up (`ray.init`) is timed apart: a long-lived cluster pays it once. On a shared machine the local
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import os
 import shutil
 import time
@@ -39,12 +43,14 @@ def cpu_seconds(live_descendants: bool) -> float:
     return total
 
 
-def timed_prepare(raw: str, tokenizer: str, out: str, **kwargs) -> tuple[int, float, float, int]:
+def timed_prepare(raw: str, tokenizer: str, out: str, from_dpk: bool = False,
+                  **kwargs) -> tuple[int, float, float, int]:
     """(tokens, wall seconds, CPU seconds, files) of one prepare run into a fresh `out`."""
     shutil.rmtree(out, ignore_errors=True)
     on_ray = kwargs.get("engine") == "ray"
     start, cpu = time.perf_counter(), cpu_seconds(on_ray)
-    manifest = prepare([raw], PrepareOptions(tokenizer=tokenizer, out=out), progress=False, **kwargs)
+    options = PrepareOptions(tokenizer=tokenizer, out=out, from_dpk=from_dpk)
+    manifest = prepare([raw], options, progress=False, **kwargs)
     return manifest["tokens"], time.perf_counter() - start, cpu_seconds(on_ray) - cpu, len(manifest["files"])
 
 
@@ -52,6 +58,30 @@ def best(runs: list[tuple]) -> tuple:
     """The run of least wall time, with the least CPU time of all runs."""
     fastest = min(runs, key=lambda r: r[1])
     return (fastest[0], fastest[1], min(r[2] for r in runs), fastest[3])
+
+
+def dpk_copy(prepared: str, dpk_dir: str) -> str:
+    """The documents of a prepared directory (eos dropped) as Parquet files in the layout Data Prep Kit's
+    tokenization transform writes (tokens, document_id, document_length, token_count), one per shard."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    if os.path.isdir(dpk_dir):
+        return dpk_dir
+    os.makedirs(dpk_dir)
+    with open(os.path.join(prepared, "manifest.json")) as f:
+        manifest = json.load(f)
+    for k, entry in enumerate(manifest["files"]):
+        reader = ArrayRecordReader(os.path.join(prepared, entry["shard"]))
+        docs = [np.frombuffer(r, manifest["dtype"])[:-1].astype(np.int64) for r in reader.read_all()]
+        reader.close()
+        pq.write_table(pa.table({"tokens": [d.tolist() for d in docs],
+                                 "document_id": [f"{k}-{i}" for i in range(len(docs))],
+                                 "document_length": [0] * len(docs), "token_count": [len(d) for d in docs]}),
+                       os.path.join(dpk_dir, f"{k:05d}.parquet"))
+    return dpk_dir
 
 
 def same_tree(a: str, b: str) -> bool:
@@ -91,6 +121,11 @@ def main() -> None:
         ray.shutdown()
         rows.append((f"local, {workers} worker(s)", workers, *best(local_runs), 0.0))
         rows.append((f"ray, {workers} worker(s)", workers, *best(ray_runs), startup))
+
+    dpk = dpk_copy(os.path.join(args.work, "local_1"), os.path.join(args.work, "dpk_layout"))
+    rows.append(("local, 1 worker, --from-dpk (the same documents as DPK Parquet)", 1,
+                 *best([timed_prepare(dpk, tokenizer, os.path.join(args.work, "from_dpk"), from_dpk=True, workers=1)
+                        for _ in range(args.repeats)]), 0.0))
 
     local_1_cpu = rows[0][4]
     tokens, files = rows[0][2], rows[0][5]
