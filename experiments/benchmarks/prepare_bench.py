@@ -20,6 +20,7 @@ import filecmp
 import json
 import os
 import shutil
+import tempfile
 import time
 
 import psutil
@@ -92,7 +93,7 @@ def same_tree(a: str, b: str) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/granite_prepare_bench")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "granite_prepare_bench"))
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--cluster-cores", type=int, default=1000)
