@@ -17,6 +17,7 @@ import argparse
 import os
 import platform
 import resource
+import tempfile
 import time
 
 import numpy as np
@@ -128,7 +129,7 @@ def prepare_rate(demo_dir: str, out: str, workers: int, copies: int = 4) -> floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="/tmp/granite_data_bench")
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "granite_data_bench"))
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
