@@ -75,9 +75,30 @@ def test_shipped_tasks_and_generate_until(setup):
     assert 0.0 <= scores["tiny_stdlib_choice"]["acc"] <= 1.0
     assert scores["tiny_stdlib_text"]["bits_per_byte"] > 0
     lm = GraniteJaxLM(setup["model"], setup["tokenizer"], batch_size=4, max_length=MAX_LENGTH)
-    out = lm.generate_until([Instance("generate_until", {}, ("def main(", {"until": ["\n"], "max_gen_toks": 6}),
-                                      0)] * 2)
-    assert out[0] == out[1] and "\n" not in out[0]
+    request = Instance("generate_until", {}, ("def main(", {"until": ["\n"], "max_gen_toks": 6}), 0)
+    out = lm.generate_until([request])[0]
+    assert "\n" not in out
+    setup["generated"] = out
+
+
+def test_cli_eval_and_generate_on_a_run(setup, tmp_path, capsys):
+    from granite_jax import checkpoint, cli
+
+    checkpoint.save_model(setup["model"], str(tmp_path / "run"), step=3)
+    common = ["--tokenizer", str(setup["tok_file"])]
+    assert cli.main(["eval", str(tmp_path / "run"), "--tasks", "tiny_stdlib_choice", "--limit", "4",
+                     "--batch-size", "4", "--max-length", str(MAX_LENGTH), "--output", str(tmp_path / "r.json"),
+                     *common]) == 0
+    assert 0.0 <= json.loads((tmp_path / "r.json").read_text())["tiny_stdlib_choice"]["acc"] <= 1.0
+    capsys.readouterr()
+    assert cli.main(["generate", str(tmp_path / "run"), "--prompt", "def main(", "--max-new-tokens", "6",
+                     *common]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("def main(")
+    if "generated" in setup:  # greedy, as generate_until: the same continuation up to its stop string
+        assert printed[len("def main("):].startswith(setup["generated"])
+    assert cli.main(["generate", str(tmp_path / "run"), "--step", "9", "--prompt", "x", *common]) == 2
+    assert "no checkpoint for step 9" in capsys.readouterr().err
 
 
 def test_pack_rows_fits_and_covers():

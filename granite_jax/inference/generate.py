@@ -42,28 +42,25 @@ def _check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> No
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: must be >= 1")
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "temperature", "top_p"))
+def _prefill(graphdef, params, tokens_BL, start_B, key, *, max_len, temperature, top_p):
+    logits_BV, cache = prefill(nnx.merge(graphdef, params), tokens_BL, start_B, max_len)
+    return sample(logits_BV, key, temperature=temperature, top_p=top_p), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "top_p"), donate_argnames=("cache",))
+def _step(graphdef, params, cache, tokens_B, key, *, temperature, top_p):
+    logits_BV, cache = forward_with_cache(nnx.merge(graphdef, params), tokens_B[:, None], cache)
+    return sample(logits_BV, key, temperature=temperature, top_p=top_p), cache
+
+
 class Generator:
-    """Generation from one model; keeps its compiled prefill and decode steps across calls."""
+    """Generation from one model. The compiled prefill and decode steps are cached by the model's structure
+    (its graphdef), so every Generator of one model shape shares them."""
 
     def __init__(self, model: GraniteModel):
         self.config = model.config
         self.graphdef, self.params = nnx.split(model)
-
-    @functools.partial(jax.jit, static_argnames=("self", "max_len", "temperature", "top_p"))
-    def _prefill(self, params, tokens_BL, start_B, key, *, max_len, temperature, top_p):
-        logits_BV, cache = prefill(nnx.merge(self.graphdef, params), tokens_BL, start_B, max_len)
-        return sample(logits_BV, key, temperature=temperature, top_p=top_p), cache
-
-    @functools.partial(jax.jit, static_argnames=("self", "temperature", "top_p"), donate_argnames=("cache",))
-    def _step(self, params, cache, tokens_B, key, *, temperature, top_p):
-        logits_BV, cache = forward_with_cache(nnx.merge(self.graphdef, params), tokens_B[:, None], cache)
-        return sample(logits_BV, key, temperature=temperature, top_p=top_p), cache
-
-    def __hash__(self):  # the compiled steps are cached per Generator
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
 
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0, eos_id: int | None = -1, progress: bool = False
@@ -80,7 +77,7 @@ class Generator:
                              f"model's max_position_embeddings={self.config.max_position_embeddings}")
         keys = jax.random.split(jax.random.key(seed), max_new_tokens)
         kw = dict(temperature=float(temperature), top_p=float(top_p))
-        token_B, cache = self._prefill(self.params, tokens_BL, start_B, keys[0], max_len=max_len, **kw)
+        token_B, cache = _prefill(self.graphdef, self.params, tokens_BL, start_B, keys[0], max_len=max_len, **kw)
         out, done = [np.asarray(token_B)], np.zeros(len(prompts), bool)
         steps = range(1, max_new_tokens)
         if progress:
@@ -91,7 +88,7 @@ class Generator:
                 done |= out[-1] == eos_id
                 if done.all():
                     break
-            token_B, cache = self._step(self.params, cache, token_B, keys[i], **kw)
+            token_B, cache = _step(self.graphdef, self.params, cache, token_B, keys[i], **kw)
             out.append(np.asarray(token_B))
         generated = np.stack(out, axis=1)
         results = []

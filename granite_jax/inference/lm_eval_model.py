@@ -41,6 +41,15 @@ def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
     return rows
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _token_scores(graphdef, params, tokens_BT, targets_BT, segment_ids_BT):
+    """(log p(target) [B,T] float32, target is the argmax [B,T]) of packed rows."""
+    logits_BTV = nnx.merge(graphdef, params)(tokens_BT, segment_ids=segment_ids_BT)
+    logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+    target_logp = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    return target_logp, jnp.argmax(logits_BTV, axis=-1) == targets_BT
+
+
 @register_model("granite_jax")
 class GraniteJaxLM(TemplateLM):
     def __init__(self, model=None, tokenizer=None, pretrained: str | None = None, step: int | None = None,
@@ -82,20 +91,6 @@ class GraniteJaxLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         return self.tokenizer.encode(string, add_special_tokens=add_special_tokens is not False).ids
 
-    @functools.partial(jax.jit, static_argnums=0)
-    def _token_scores(self, params, tokens_BT, targets_BT, segment_ids_BT):
-        """(log p(target) [B,T] float32, target is the argmax [B,T]) of packed rows."""
-        logits_BTV = nnx.merge(self._graphdef, params)(tokens_BT, segment_ids=segment_ids_BT)
-        logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-        target_logp = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
-        return target_logp, jnp.argmax(logits_BTV, axis=-1) == targets_BT
-
-    def __hash__(self):
-        return id(self)
-
-    def __eq__(self, other):
-        return self is other
-
     def score_tokens(self, sequences: list[tuple[list[int], int]], disable_tqdm: bool = True
                      ) -> list[tuple[float, bool]]:
         """(sum of log p, all greedy) of the last `n` tokens of each token list, given the tokens before them.
@@ -125,7 +120,7 @@ class GraniteJaxLM(TemplateLM):
                     segments[r, offset:offset + length] = seg
                     where.append((i, r, offset + length - n, offset + length))
                     offset += length
-            logp, greedy = jax.device_get(self._token_scores(self._params, tokens, targets, segments))
+            logp, greedy = jax.device_get(_token_scores(self._graphdef, self._params, tokens, targets, segments))
             for i, r, lo, hi in where:
                 results[i] = (float(logp[r, lo:hi].sum()), bool(greedy[r, lo:hi].all()))
         return results
@@ -194,7 +189,11 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = No
     from granite_jax.inference.tasks import task_config
 
     lm = GraniteJaxLM(model, tokenizer, batch_size=batch_size, max_length=max_length)
-    manager = TaskManager(include_path=include_path) if include_path else TaskManager()
+    from granite_jax.inference.tasks import shipped_tasks
+
+    # Indexing the harness's own thousands of task files takes most of a small evaluation: only when needed.
+    manager = TaskManager(include_path=include_path,
+                          include_defaults=not all(t in shipped_tasks() for t in tasks) or include_path is not None)
     results = lm_eval.simple_evaluate(model=lm, tasks=[task_config(t) for t in tasks], limit=limit,
                                       task_manager=manager, log_samples=False, verbosity="WARNING")
     return {task: {k.split(",")[0]: float(v) for k, v in metrics.items()
