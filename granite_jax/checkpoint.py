@@ -106,7 +106,7 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
 
     def restore(self, directory, item=None, args=None):
         item = item or args.item
-        index, count = jax.process_index(), jax.process_count()
+        count = jax.process_count()
         saved = sorted((int(m[2]), int(m[1]), f.name) for f in directory.iterdir()
                        if (m := _DATA_FILE.fullmatch(f.name)))
         counts = {c for c, _, _ in saved}
@@ -115,8 +115,10 @@ class DataHandler(grain.checkpoint.CheckpointHandler):
         if len(counts) > 1:
             raise ValueError(f"{directory} holds data states of several process counts {sorted(counts)}")
         (saved_count,) = counts
+        if len(saved) != saved_count:
+            raise ValueError(f"{directory} holds {len(saved)} of the data states of {saved_count} processes")
         states = {name: json.loads((directory / name).read_text()) for _, _, name in saved}
-        if len(states) != saved_count or len({json.dumps(s, sort_keys=True) for s in states.values()}) > 1:
+        if len({json.dumps(s, sort_keys=True) for s in states.values()}) > 1:
             raise StreamMismatch(
                 f"the data position was saved by {saved_count} processes each reading its own document shard "
                 f"(train.data_feed='process'); {count} process(es) cannot continue those shards. Resume with "
