@@ -2,7 +2,7 @@
 slurmd, munge with a key made here, slurm.conf in a temporary directory) runs 2 tasks of the quickstart model
 (cut to 2 layers and a few steps). jax.distributed sees 2 processes, checkpoints are written, `scancel
 --signal=TERM` makes the job save and exit 0, and the resubmitted job resumes from that step with the losses of an
-uninterrupted job, bit for bit.
+uninterrupted job (rel 1e-5).
 
 Needs Debian's `slurm-wlm` and `munge` (`apt-get install slurm-wlm munge`) and root (the daemons run as root);
 skipped, saying which, where they are missing."""
@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from test_checkpoint import _steps
@@ -127,7 +128,8 @@ def _submit(cluster, tmp_path, workdir, corpus) -> str:
            "--config", os.path.join(REPO, "experiments", "quickstart.py"), "--workdir", str(workdir),
            "--remote-dir", REPO, "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
            "--max-restarts", "0", "--heartbeat-timeout", "30",
-           f"--config.train.steps={STEPS}", "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=5",
+           f"--config.train.steps={STEPS}", "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=2",
+           "--config.checkpoint.keep=5", "--config.train.data_feed=global",
            "--config.train.seq_len=32", "--config.schedule.warmup_steps=1", "--config.model.num_hidden_layers=2",
            "--config.model.layer_types=['mamba', 'attention']",
            f"--config.data.sources=[{{'name': 'syn', 'path': '{corpus}', 'weight': 1.0}}]"]
@@ -181,4 +183,8 @@ def test_sbatch_job_checkpoints_stops_on_term_and_resumes_with_the_same_losses(c
     state = _finished(cluster, job)
     out = _job_output(workdir, job)
     assert state["ExitCode"] == "0:0" and f"resuming from step {stopped}" in out, (state, out[-3000:])
-    assert losses(workdir) == expected  # steps 1..STEPS over both jobs, bit for bit
+    got = losses(workdir)  # steps 1..STEPS over both jobs
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    # Not bit for bit: two uninterrupted 2-task jobs of this model differed here in the last float32 bits at
+    # steps before any signal (steps resumed by local processes are compared bit for bit in test_host_failure.py).
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)
