@@ -11,10 +11,16 @@ Config section (`eval`):
     num_batches   eval batches (fewer if the eval data ends first; num_epochs=1 in `data` reads it at most once)
     batch_size    global rows per eval batch; None = train.batch_size
     seq_len       None = train.seq_len
-    data          the eval data config (sources, ...); None = off
+    data          the eval data config (sources, ...); None = no eval loss
+    tasks         lm-evaluation-harness task names scored at every evaluation (e.g. ["tiny_stdlib_choice"], the
+                  offline tasks shipped in experiments/data/eval_tasks/, or hellaswag,... online); needs `.[eval]`
+    tasks_limit   at most this many examples per task; None = all
+    tokenizer     the tokenizer.json (or folder) of the tasks; None = the first data source that has one
 
 The loss is token-weighted over all eval batches (sum of CE / counted targets), cross entropy only (no router
-losses), as `eval_loss`; `eval_tokens` is the number of counted targets.
+losses), as `eval_loss`; `eval_tokens` is the number of counted targets. Task scores are logged as
+`eval_TASK_METRIC` (e.g. `eval_tiny_stdlib_choice_acc`), computed by granite_jax.inference.lm_eval_model on the
+train state's parameters as they are (no checkpoint, no export).
 """
 
 from __future__ import annotations
@@ -36,13 +42,16 @@ def default_eval_config() -> ml_collections.ConfigDict:
     c.batch_size = ml_collections.FieldReference(None, field_type=int)
     c.seq_len = ml_collections.FieldReference(None, field_type=int)
     c.data = ml_collections.FieldReference(None, field_type=ml_collections.ConfigDict)
+    c.tasks = ()
+    c.tasks_limit = ml_collections.FieldReference(None, field_type=int)
+    c.tokenizer = ml_collections.FieldReference(None, field_type=str)
     return c
 
 
 def enabled(cfg) -> bool:
-    """True when the run config asks for evaluation (an `eval` section with every_steps > 0 and data)."""
+    """True when the run config asks for evaluation (an `eval` section with every_steps > 0 and data or tasks)."""
     e = cfg.get("eval")
-    return bool(e is not None and e.every_steps and e.data is not None)
+    return bool(e is not None and e.every_steps and (e.data is not None or e.get("tasks")))
 
 
 def validate_eval_config(cfg) -> None:
@@ -61,10 +70,13 @@ def validate_eval_config(cfg) -> None:
         v = e.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise ValueError(f"eval.{key}={v!r}: must be None (the train value) or an integer >= {lo}")
-    if e.every_steps and e.data is None:
+    tasks = e.get("tasks") or ()
+    if isinstance(tasks, str) or not all(isinstance(t, str) and t for t in tasks):
+        raise ValueError(f"eval.tasks={tasks!r}: must be a list of lm-eval task names, e.g. ['tiny_stdlib_choice']")
+    if e.every_steps and e.data is None and not tasks:
         raise ValueError(f"eval.every_steps={e.every_steps} but eval.data is None: give an eval data config "
-                         "(e.g. data_pipelines.single_source_config('data/demo/eval', num_epochs=1)) or set "
-                         "eval.every_steps=0")
+                         "(e.g. data_pipelines.single_source_config('data/demo/eval', num_epochs=1)), eval.tasks "
+                         "(lm-eval task names), or set eval.every_steps=0")
     if e.data is not None and not e.data.get("sources"):
         raise ValueError("eval.data.sources is empty: add {name, path, weight} entries of prepared eval data")
 
@@ -123,8 +135,8 @@ class Evaluator:
     """Evaluates a train state on the run's fixed eval batches. Build with `Evaluator.from_config`."""
 
     def __init__(self, eval_step: Callable, batches: list[dict[str, np.ndarray]], mesh, every_steps: int,
-                 total_steps: int):
-        self.eval_step, self.mesh = eval_step, mesh
+                 total_steps: int, tasks: "TaskEvaluator | None" = None):
+        self.eval_step, self.mesh, self.tasks = eval_step, mesh, tasks
         self.every_steps, self.total_steps = every_steps, total_steps
         self._host_batches = batches
         self._device_batches = None
@@ -135,11 +147,20 @@ class Evaluator:
         validate_eval_config(cfg)
         if not enabled(cfg):
             return None
-        t = cfg.train
-        batches = eval_batches(cfg.eval, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
-                               vocab_size=model_cfg.vocab_size)
+        t, e = cfg.train, cfg.eval
+        batches = [] if e.data is None else eval_batches(e, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
+                                                         vocab_size=model_cfg.vocab_size)
+        tasks = None
+        if e.get("tasks"):
+            from flax import nnx
+
+            from granite_jax.export import _tokenizer_source
+            tokenizer = _tokenizer_source({"config": cfg.to_dict()}, e.get("tokenizer"))
+            tasks = TaskEvaluator(lambda state: nnx.merge(graphdef, nnx.State({0: state["params"],
+                                                                                1: state["opt"]}))[0],
+                                  list(e.tasks), tokenizer, limit=e.get("tasks_limit"))
         return cls(make_eval_step(graphdef, mesh, abstract_state=abstract_state), batches, mesh,
-                   cfg.eval.every_steps, t.steps)
+                   e.every_steps, t.steps, tasks)
 
     def due(self, step: int) -> bool:
         """Whether to evaluate after train step `step` (1-based count of steps done)."""
@@ -149,13 +170,40 @@ class Evaluator:
         """{"eval_loss", "eval_tokens"} as device scalars (fetch them when convenient: nothing blocks here)."""
         import jax.numpy as jnp
 
+        out = {} if self.tasks is None else self.tasks(state)
+        if not self._host_batches:
+            return out
         if self._device_batches is None:
             self._device_batches = [global_batch(b, self.mesh) for b in self._host_batches]
         ce_sum, tokens = 0.0, 0.0
         for batch in self._device_batches:
             c, n = self.eval_step(state, batch)
             ce_sum, tokens = ce_sum + c, tokens + n
-        return {"eval_loss": ce_sum / jnp.maximum(tokens, 1.0), "eval_tokens": tokens}
+        return {"eval_loss": ce_sum / jnp.maximum(tokens, 1.0), "eval_tokens": tokens, **out}
+
+
+class TaskEvaluator:
+    """lm-eval task scores of a train state: {"eval_TASK_METRIC": float32 array} (granite_jax.inference)."""
+
+    def __init__(self, model_of: Callable, tasks: list[str], tokenizer: str | None, *, limit: int | None = None,
+                 batch_size: int = 8, max_length: int | None = None):
+        try:
+            import lm_eval  # noqa: F401
+        except ImportError as e:
+            raise ImportError(f"eval.tasks={tasks} needs lm-evaluation-harness: pip install -e '.[eval]'") from e
+        from granite_jax.inference.load import load_tokenizer
+
+        self.model_of, self.task_names, self.limit = model_of, tasks, limit
+        self.batch_size, self.max_length = batch_size, max_length
+        self.tokenizer = load_tokenizer(tokenizer)
+
+    def __call__(self, state) -> dict:
+        from granite_jax.inference.lm_eval_model import evaluate_tasks
+
+        scores = evaluate_tasks(self.model_of(state), self.tokenizer, self.task_names, limit=self.limit,
+                                batch_size=self.batch_size, max_length=self.max_length)
+        return {f"eval_{task}_{metric}": np.float32(value) for task, metrics in scores.items()
+                for metric, value in metrics.items()}
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh) -> dict:

@@ -107,3 +107,15 @@ def test_pack_rows_fits_and_covers():
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
     assert len(rows) == 4  # 111 tokens in rows of 32
+
+
+def test_in_training_task_scores(setup):
+    from granite_jax.evaluate import TaskEvaluator
+
+    tasks = TaskEvaluator(lambda state: state["model"], ["tiny_stdlib_choice"], str(setup["tok_file"]), limit=4,
+                          batch_size=4, max_length=MAX_LENGTH)
+    scores = tasks({"model": setup["model"]})
+    assert set(scores) == {"eval_tiny_stdlib_choice_acc", "eval_tiny_stdlib_choice_acc_norm"}
+    assert all(0.0 <= float(v.item()) <= 1.0 for v in scores.values())
+    with pytest.raises(FileNotFoundError, match="--tokenizer|tokenizer.json"):
+        TaskEvaluator(lambda state: state, ["tiny_stdlib_choice"], None)
