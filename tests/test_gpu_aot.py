@@ -3,6 +3,7 @@ by XLA's real GPU compiler and ptxas on this CPU-only machine (`granite_jax.aot_
 interpret mode, spills registers or overflows shared memory fails here. Needs `pip install -e ".[gpu-aot]"` (the CUDA
 plugin, ptxas and cuDNN); skips without it."""
 
+import json
 import re
 import tempfile
 
@@ -111,3 +112,17 @@ def test_gpu_topology_specs_are_checked():
     assert target.platform == "gpu" and len(target.devices) == 8 and target.memory_bytes > 140e9
     assert {d.process_index for d in target.devices} == {0, 1}  # devices on 2 hosts
     assert np.unique([d.id for d in target.devices]).size == 8
+
+
+@pytest.mark.slow
+def test_h_small_fits_64_h100s(monkeypatch, capsys):
+    """granite-4.0-h-small, all 40 layers, 4K tokens, one row per GPU on 8 hosts x 8 H100 (fsdp 8 x expert 8): the
+    compiled train step fits 80 GB per GPU (figure in docs/benchmarks.md)."""
+    args = ["--topology", "h100:8x8", "--json", "--config.model.preset=granite-4.0-h-small", "--config.mesh.fsdp=8",
+            "--config.mesh.expert=8", "--config.train.batch_size=64", "--config.train.seq_len=4096",
+            "--config.train.remat=full", "--config.train.steps=10", "--config.schedule.warmup_steps=1"]
+    assert compile_check.main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["devices"] == 64 and result["mesh"]["fsdp"] == 8 and result["mesh"]["expert"] == 8
+    assert result["model"]["layers"] == 40 and result["model"]["experts"] == 72
+    assert result["fits"] and result["peak_bytes_per_device"] < 80e9
