@@ -121,6 +121,9 @@ def target(spec: str) -> Target:
 
     gpu = parse_gpu_spec(spec)
     if gpu is None:
+        if not any(spec.startswith(k) for k in TPU_HBM_BYTES):
+            raise ValueError(f"topology {spec!r}: not a TPU ({', '.join(TPU_HBM_BYTES)}, e.g. v5p:8x8x4) or GPU "
+                             f"({', '.join(GPU_SPECS)} as HOSTSxGPUS, e.g. h100:8x8) target")
         devices = topologies.get_topology_desc(platform="tpu", topology_name=spec).devices
         hbm = next((v for k, v in TPU_HBM_BYTES.items() if spec.startswith(k)), None)
         return Target(spec, "tpu", tuple(devices), hbm)
