@@ -197,5 +197,5 @@ def evaluate_tasks(model, tokenizer, tasks: list[str], *, limit: int | None = No
     results = lm_eval.simple_evaluate(model=lm, tasks=[task_config(t) for t in tasks], limit=limit,
                                       task_manager=manager, log_samples=False, verbosity="WARNING")
     return {task: {k.split(",")[0]: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not k.endswith("_stderr,none") and k != "alias"}
+                   if "," in k and "_stderr," not in k and isinstance(v, (int, float))}  # "metric,filter" keys
             for task, metrics in results["results"].items()}
