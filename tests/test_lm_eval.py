@@ -49,6 +49,7 @@ def setup(tmp_path_factory):
 
 @pytest.mark.slow
 def test_loglikelihoods_equal_lm_eval_hf_model(setup):
+    pytest.importorskip("accelerate", reason="lm-eval's hf model needs the extra lm-eval[hf]")
     from lm_eval.models.huggingface import HFLM
 
     ours = GraniteJaxLM(setup["model"], setup["tokenizer"], batch_size=4, max_length=MAX_LENGTH,
