@@ -74,7 +74,7 @@ def test_legacy_rope_theta_and_auto_head_dim():
     (dict(mamba_n_groups=5), r"mamba_n_groups=5: must divide mamba_n_heads=48"),
     (dict(dtype="float64"), r"dtype='float64'"),
     (dict(ssd_impl="cuda"), r"ssd_impl='cuda'"),
-    (dict(attention_impl="flash"), r"attention_impl='flash': must be one of \('auto', 'xla', 'blockwise'\)"),
+    (dict(attention_impl="flash"), r"attention_impl='flash': must be one of \('auto', 'xla', 'cudnn', 'blockwise'\)"),
     (dict(layer_loop="while"), r"layer_loop='while': must be one of \('auto', 'scan', 'unroll', 'interleave'\)"),
     (dict(layer_loop="interleave"), r"layer_loop='interleave': needs remat='full' \(remat='none'\)"),
     (dict(pad_token_id=100256, vocab_size=1000), r"pad_token_id=100256: must be a token id below vocab_size"),
