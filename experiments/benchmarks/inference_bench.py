@@ -4,6 +4,7 @@ granite-4.0-h-micro and the dense granite-4.0-micro (computed from the cache sha
 lm-eval model `granite_jax` beside lm-eval's `hf` model on the exported folder.
 
     python experiments/benchmarks/inference_bench.py cache [--contexts 4096 32768 131072]
+    python experiments/benchmarks/inference_bench.py cache-aot [--contexts 32768 131072 --topology v5e:2x2]
     python experiments/benchmarks/inference_bench.py decode [--preset bench-hybrid-20m --batches 1 32 --new 64]
     python experiments/benchmarks/inference_bench.py eval [--preset bench-hybrid-20m --requests 256]
 """
@@ -31,6 +32,37 @@ def cache_table(contexts):
     for n in contexts:
         h, d = cache_bytes(hybrid, 1, n), cache_bytes(dense, 1, n)
         print(f"| {n:,} | {h / 2**20:,.1f} MiB | {d / 2**20:,.1f} MiB | {h / d:.3f} | {1 - h / d:.1%} |")
+
+
+def cache_aot(contexts, topology):
+    """The decode step compiled ahead of time for one TPU chip (libtpu): its per-device HBM beside the computed
+    cache bytes (the step's arguments are the parameters, the cache and a token per row)."""
+    import jax
+    from flax import nnx
+    from jax.experimental import topologies
+
+    from granite_jax.inference.cache import cache_bytes, init_cache
+    from granite_jax.inference.generate import _step
+    from granite_jax.model import GraniteModel
+
+    device = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices[0]
+    one = jax.sharding.SingleDeviceSharding(device)
+    print("| model | context | computed cache | compiled step: arguments | temporaries | arguments - params |")
+    print("|---|---|---|---|---|---|")
+    for name in ("granite-4.0-h-micro", "granite-4.0-micro"):
+        cfg = preset(name, dtype="bfloat16", param_dtype="bfloat16").for_platform("tpu")
+        graphdef, params = nnx.split(nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0))))
+        on_tpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), tree)  # noqa: E731
+        params = on_tpu(params)
+        param_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+        for n in contexts:
+            cache = on_tpu(jax.eval_shape(lambda n=n: init_cache(cfg, 1, n)))
+            tokens, key = on_tpu(jax.ShapeDtypeStruct((1,), "int32")), jax.eval_shape(lambda: jax.random.key(0))
+            compiled = _step.lower(graphdef, params, cache, tokens, on_tpu(key), temperature=0.0, top_p=1.0).compile()
+            mem = compiled.memory_analysis()
+            print(f"| {name} | {n:,} | {cache_bytes(cfg, 1, n) / 2**20:,.1f} MiB | "
+                  f"{mem.argument_size_in_bytes / 2**30:.2f} GiB | {mem.temp_size_in_bytes / 2**20:,.1f} MiB | "
+                  f"{(mem.argument_size_in_bytes - param_bytes) / 2**20:,.1f} MiB |", flush=True)
 
 
 def _model(name):
@@ -114,7 +146,8 @@ def eval_throughput(name, n_requests, batch_size, max_length):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("cache", "decode", "eval"))
+    parser.add_argument("what", choices=("cache", "cache-aot", "decode", "eval"))
+    parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--preset", default="bench-hybrid-20m")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
@@ -126,6 +159,8 @@ def main():
     args = parser.parse_args()
     if args.what == "cache":
         cache_table(args.contexts)
+    elif args.what == "cache-aot":
+        cache_aot(args.contexts, args.topology)
     elif args.what == "decode":
         decode(args.preset, args.batches, args.prompt_len, args.new)
     else:
