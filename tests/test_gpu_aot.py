@@ -3,19 +3,15 @@ by XLA's real GPU compiler and ptxas on this CPU-only machine (`granite_jax.aot_
 interpret mode, spills registers or overflows shared memory fails here. Needs `pip install -e ".[gpu-aot]"` (the CUDA
 plugin, ptxas and cuDNN); skips without it."""
 
+import importlib.util
 import json
+import os
 import re
-import tempfile
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from granite_jax import aot_targets, compile_check
-from pallas_kernels.ssd import ssd
 
 pytestmark = pytest.mark.skipif(not aot_targets.cuda_plugin_available(),
                                 reason=f"the CUDA plugin is not installed ({aot_targets.GPU_AOT_INSTALL})")
@@ -27,36 +23,30 @@ MIXERS = {"h-micro-4k": dict(heads=64, length=4096), "h-micro-32k": dict(heads=6
           "h-small-4k": dict(heads=128, length=4096)}
 
 
-def mixer_args(mesh, heads, length, dtype=jnp.bfloat16):
-    replicated = NamedSharding(mesh, P())
-    sds = lambda shape, dt=dtype: jax.ShapeDtypeStruct(shape, dt, sharding=replicated)
-    return (sds((1, length, heads, 64)), sds((1, length, heads), jnp.float32), sds((heads,), jnp.float32),
-            sds((1, length, 1, 128)), sds((1, length, 1, 128)))
-
-
-def ssd_loss(x, dt, A, B, C):
-    return jnp.sum(ssd(x, dt, A, B, C, chunk_size=256, impl="pallas_gpu").astype(jnp.float32) ** 2)
+def _kernel_report():
+    """experiments/benchmarks/gpu_kernel_report.py: the compile (with its PTX dump) this test checks."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "benchmarks",
+                        "gpu_kernel_report.py")
+    spec = importlib.util.spec_from_file_location("gpu_kernel_report", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.parametrize("which", ["forward", "backward"])
 @pytest.mark.parametrize("mixer", MIXERS)
 def test_pallas_ssd_compiles_for_h100_without_spills(mixer, which):
-    mesh = Mesh(aot_targets.target("h100:1x1").devices, ("data",))
-    fn = (lambda *a: ssd(*a, chunk_size=256, impl="pallas_gpu")) if which == "forward" else jax.grad(
-        ssd_loss, argnums=tuple(range(5)))
-    with tempfile.TemporaryDirectory() as dump:
-        compiled = jax.jit(fn).lower(*mixer_args(mesh, **MIXERS[mixer])).compile(compiler_options={"xla_dump_to": dump})
-        kernels = aot_targets.kernel_resources(dump, prefix="ssd_")
-    hlo = compiled.as_text()
+    r = _kernel_report().report("h100", which=which, **MIXERS[mixer])
+    kernels = r["kernels"]
     # Triton, not Mosaic GPU (the default lowering of pallas_call on jax >= 0.10).
-    assert hlo.count('custom_call_target="__gpu$xla.gpu.triton"') == (1 if which == "forward" else 3)
+    assert r["triton_calls"] == (1 if which == "forward" else 3)
     want = {"ssd_forward_gpu"} if which == "forward" else {"ssd_forward_gpu", "ssd_states_gpu", "ssd_backward_gpu"}
     assert set(kernels) == want, kernels
     for name, k in kernels.items():
         assert k["spill_store_bytes"] == 0 and k["spill_load_bytes"] == 0, (name, k)
         assert k["registers"] * k["threads_per_block"] <= H100["registers_per_block"], (name, k)
         assert 0 < k["shared_memory_bytes"] <= H100["shared_memory_per_block_optin"], (name, k)
-    assert compiled.memory_analysis().temp_size_in_bytes > 0
+    assert r["temp_bytes"] > 0
 
 
 def hybrid_config_args(layers: str, experts: int):

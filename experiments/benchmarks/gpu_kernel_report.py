@@ -42,7 +42,8 @@ def report(target: str, heads: int, length: int, which: str) -> dict:
         compiled = jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
         seconds = time.perf_counter() - start
         kernels = aot_targets.kernel_resources(dump, prefix="ssd_")
-    return {"compile_s": seconds, "temp_bytes": compiled.memory_analysis().temp_size_in_bytes, "kernels": kernels}
+    return {"compile_s": seconds, "temp_bytes": compiled.memory_analysis().temp_size_in_bytes, "kernels": kernels,
+            "triton_calls": compiled.as_text().count('custom_call_target="__gpu$xla.gpu.triton"')}
 
 
 def main() -> None:
