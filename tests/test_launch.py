@@ -69,7 +69,8 @@ def test_tpu_vm_renders_single_and_multi_slice(capsys, tmp_path):
 ])
 def test_gke_renders_a_jobset(capsys, accelerator, slices, nodes, config):
     text = _render(capsys, "--target", "gke", "--config", config, "--workdir", WORKDIR, "--nodes", str(nodes),
-                   "--slices", str(slices), "--accelerator", accelerator, "--image", "ghcr.io/x/granite-jax:1")
+                   "--slices", str(slices), "--accelerator", accelerator, "--image", "ghcr.io/x/granite-jax:1",
+                   "--max-restarts", "5")
     manifest = yaml.safe_load(text)
     assert manifest["kind"] == "JobSet"
     job = manifest["spec"]["replicatedJobs"][0]
@@ -78,7 +79,18 @@ def test_gke_renders_a_jobset(capsys, accelerator, slices, nodes, config):
     pod = job["template"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/x/granite-jax:1"
+    # Every attempt runs this command on the same workdir: the trainer resumes from WORKDIR/checkpoints.
     assert container["command"][3:8] == ["train", "--config", config, "--workdir", WORKDIR]
+    # The restart path: a failed pod fails its Job at once, the JobSet recreates all pods up to 5 times; exit code 2
+    # (a config or checkpoint the run refuses) fails the JobSet instead.
+    policy = manifest["spec"]["failurePolicy"]
+    assert policy["maxRestarts"] == 5 and job["template"]["spec"]["backoffLimit"] == 0
+    assert pod["restartPolicy"] == "Never"
+    (refused,) = job["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert refused["action"] == "FailJob" and refused["onExitCodes"] == {"containerName": container["name"],
+                                                                         "operator": "In", "values": [2]}
+    assert policy["rules"] == [{"name": "refused-config-or-checkpoint", "action": "FailJobSet",
+                                "onJobFailureReasons": ["PodFailurePolicy"]}]
     env = {e["name"]: e for e in container["env"]}
     if accelerator.startswith("tpu"):
         assert container["resources"]["limits"] == {"google.com/tpu": 4}
