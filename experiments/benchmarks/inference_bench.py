@@ -4,7 +4,7 @@ granite-4.0-h-micro and the dense granite-4.0-micro (computed from the cache sha
 lm-eval model `granite_jax` beside lm-eval's `hf` model on the exported folder.
 
     python experiments/benchmarks/inference_bench.py cache [--contexts 4096 32768 131072]
-    python experiments/benchmarks/inference_bench.py cache-aot [--contexts 32768 131072 --topology v5e:2x2]
+    python experiments/benchmarks/inference_bench.py cache-aot [--contexts 32768 131072 --topology v5e:2x2 --models granite-4.0-micro]
     python experiments/benchmarks/inference_bench.py decode [--preset bench-hybrid-20m --batches 1 32 --new 64]
     python experiments/benchmarks/inference_bench.py eval [--preset bench-hybrid-20m --requests 256]
 """
@@ -34,7 +34,7 @@ def cache_table(contexts):
         print(f"| {n:,} | {h / 2**20:,.1f} MiB | {d / 2**20:,.1f} MiB | {h / d:.3f} | {1 - h / d:.1%} |")
 
 
-def cache_aot(contexts, topology):
+def cache_aot(contexts, topology, models):
     """The decode step compiled ahead of time for one TPU chip (libtpu): its per-device HBM beside the computed
     cache bytes (the step's arguments are the parameters, the cache and a token per row)."""
     import jax
@@ -49,7 +49,7 @@ def cache_aot(contexts, topology):
     one = jax.sharding.SingleDeviceSharding(device)
     print("| model | context | computed cache | compiled step: arguments | temporaries | arguments - params |")
     print("|---|---|---|---|---|---|")
-    for name in ("granite-4.0-h-micro", "granite-4.0-micro"):
+    for name in models:
         cfg = preset(name, dtype="bfloat16", param_dtype="bfloat16").for_platform("tpu")
         graphdef, params = nnx.split(nnx.eval_shape(lambda: GraniteModel(cfg, rngs=nnx.Rngs(0))))
         on_tpu = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), tree)  # noqa: E731
@@ -149,6 +149,8 @@ def main():
     parser.add_argument("what", choices=("cache", "cache-aot", "decode", "eval"))
     parser.add_argument("--topology", default="v5e:2x2")
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--models", nargs="+", default=["granite-4.0-h-micro", "granite-4.0-micro"],
+                        help="cache-aot: the presets to compile the decode step for")
     parser.add_argument("--preset", default="bench-hybrid-20m")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--prompt-len", type=int, default=32)
@@ -160,7 +162,7 @@ def main():
     if args.what == "cache":
         cache_table(args.contexts)
     elif args.what == "cache-aot":
-        cache_aot(args.contexts, args.topology)
+        cache_aot(args.contexts, args.topology, args.models)
     elif args.what == "decode":
         decode(args.preset, args.batches, args.prompt_len, args.new)
     else:
