@@ -6,8 +6,9 @@
 
 Granite's released pattern at half depth: 20 layers, attention at 5 and 15 (9:1 Mamba-2 : attention), 16 routed
 experts (top-2) plus the always-on shared expert, NoPE, muP-style multipliers; 300 steps of 8 x 256 tokens, eval loss
-on data/demo/eval every 50 steps. Every sweep in experiments/sweeps/ overrides this file's keys
-(`--config.model.hidden_size=256`, ...). Details in recipes.ablation_config.
+on data/demo/eval every 50 steps and, with lm-eval installed (`.[eval]`), the shipped task tiny_stdlib_choice
+(`eval_tiny_stdlib_choice_acc`; off: `--config.eval.tasks=[]`). Every sweep in experiments/sweeps/ overrides this
+file's keys (`--config.model.hidden_size=256`, ...). Details in recipes.ablation_config.
 """
 
 import os

@@ -140,7 +140,9 @@ def layer_types(n_layers: int, attention: tuple[int, ...] | str) -> list[str]:
 def ablation_config(data: str = DEMO_DATA) -> ml_collections.ConfigDict:
     """A ~34M-parameter (14M active) Granite-4.0-style hybrid MoE that trains on the demo corpus on CPU: the released
     pattern at half depth (20 layers, attention at 5 and 15: 9:1), 16 routed experts (top-2) + the shared expert,
-    NoPE, muP-style multipliers (logits / (hidden/256)). Held-out loss on `data/eval` every 50 steps."""
+    NoPE, muP-style multipliers (logits / (hidden/256)). Held-out loss on `data/eval` every 50 steps, and with lm-eval
+    installed (`.[eval]`) the shipped task `tiny_stdlib_choice` too (on a 2-core CPU under 1 CPU-second per
+    evaluation after the first, which compiles for ~30 s; `--config.eval.tasks=[]` turns it off)."""
     import data_pipelines as dp
     from granite_jax.train import default_config
 
@@ -163,6 +165,8 @@ def ablation_config(data: str = DEMO_DATA) -> ml_collections.ConfigDict:
     c.checkpoint.update({"every_steps": 50, "keep": 2})
     c.eval.update(dict(every_steps=50, num_batches=8))
     c.eval.data = dp.single_source_config(os.path.join(data, "eval"), num_epochs=1, shuffle=False, pad_id=1)
+    if importlib.util.find_spec("lm_eval") is not None:  # an optional extra: without it, held-out loss only
+        c.eval.tasks = ["tiny_stdlib_choice"]  # 20 questions on Python code like the demo corpus; chance 0.25
     return c
 
 

@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("granite_jax.inference.cli:generate_main", "continue prompts with a checkpoint or a HF folder"),
     "eval": ("granite_jax.inference.cli:eval_main", "score a checkpoint on lm-evaluation-harness tasks"),
     "sweep": ("granite_jax.sweep:main", "run a sweep (experiments/sweeps/*.py) locally or as a SLURM array job"),
-    "sweep-report": ("granite_jax.sweep_report:main", "rewrite a sweep's summary.csv/.md and loss_curves.png"),
+    "sweep-report": ("granite_jax.sweep_report:main", "rewrite a sweep's summary.csv/.md and curve plots"),
     "launch": ("granite_jax.launch:main", "render and submit a training job: --target slurm | tpu-vm | gke"),
     "merge-manifests": ("data_pipelines.cli:merge_main", "combine the manifests of a prepare run split with --shard"),
 }

@@ -15,8 +15,9 @@ point after COMMON (short runs, smoke tests).
 Each point trains in DIR/<point>/ (its `granite-jax train` workdir, with train.log). A point is finished when its
 run exits 0 having reached train.steps: DIR/<point>/DONE is then written, and later invocations skip it. A point
 without DONE is run again and resumes from its own checkpoints, so a crashed or killed sweep is finished by running
-the same command again. After the local executor: DIR/summary.csv, DIR/summary.md, DIR/loss_curves.png
-(`granite-jax sweep-report DIR` rewrites them at any time; granite_jax/sweep_report.py).
+the same command again. After the local executor: DIR/summary.csv, DIR/summary.md, DIR/loss_curves.png and, when
+the points scored `eval.tasks`, DIR/task_curves.png (`granite-jax sweep-report DIR` rewrites them at any time;
+granite_jax/sweep_report.py).
 
 `--executor slurm` writes DIR/sweep.sbatch, one array job whose task i runs point i through this same command
 (`--only <point>`), and submits it with sbatch (or only prints it with --dry-run).

@@ -1,10 +1,13 @@
 """`granite-jax sweep-report DIR`: the summary of a sweep directory (written by `granite-jax sweep`), from what its
-points wrote so far — DIR/summary.csv, DIR/summary.md and DIR/loss_curves.png.
+points wrote so far — DIR/summary.csv, DIR/summary.md, DIR/loss_curves.png and, when the points scored
+lm-eval tasks, DIR/task_curves.png.
 
 Per point: overrides, parameters total/active, status (done / failed / incomplete at step k / pending), steps
 reached, final train loss, final and best eval loss (`eval_loss` in metrics.jsonl, the held-out loss the trainer
-logs every eval.every_steps; empty when the run logged none), median tokens/s (the median is robust to the
-compile-time step of each (re)start), wall time.
+logs every eval.every_steps; empty when the run logged none), final and best of every task score any point logged
+(`eval_TASK_METRIC`, e.g. `eval_tiny_stdlib_choice_acc`, from `eval.tasks`; best is the highest, the lowest for
+perplexities and bits per byte), median tokens/s (the median is robust to the compile-time step of each (re)start),
+wall time.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from granite_jax.sweep import DONE, FAILED, POINT_JSON, SWEEP_JSON, read_json
 
 COLUMNS = ("point", "overrides", "params_total", "params_active", "status", "steps", "final_loss",
            "final_eval_loss", "best_eval_loss", "best_eval_step", "tokens_per_s", "wall_s")
+NOT_TASK_SCORES = {"eval_loss", "eval_tokens"}  # the held-out loss; every other eval_* series is a task score
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte")  # metric name endings; accuracies and the rest: higher
 
 
 def read_metrics(point_dir: str) -> list[dict]:
@@ -43,8 +48,19 @@ def _finite(records, key) -> list[tuple[int, float]]:
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
-def summarize_point(point_dir: str) -> dict:
-    """One row of the summary (COLUMNS) for the point in `point_dir`."""
+def task_keys(records: list[dict]) -> list[str]:
+    """The task scores (`eval_TASK_METRIC`) among the records' numeric series, in first-logged order."""
+    keys = {}
+    for r in records:
+        for k, v in r.items():
+            if k.startswith("eval_") and k not in NOT_TASK_SCORES and isinstance(v, (int, float)):
+                keys[k] = None
+    return list(keys)
+
+
+def summarize_point(point_dir: str, tasks: list[str] = ()) -> dict:
+    """One row of the summary for the point in `point_dir`: COLUMNS, then final_KEY and best_KEY of each task
+    score KEY in `tasks`."""
     meta = read_json(os.path.join(point_dir, POINT_JSON)) or {}
     records = read_metrics(point_dir)
     steps = records[-1]["step"] if records else 0
@@ -61,6 +77,12 @@ def summarize_point(point_dir: str) -> dict:
     speeds = [v for _, v in _finite(records, "tokens_per_s")]
     best = min(evals, key=lambda sv: sv[1]) if evals else None
     overrides = meta.get("overrides", {})
+    scores = {}
+    for key in tasks:
+        values = [v for _, v in _finite(records, key)]
+        pick = min if key.endswith(LOWER_IS_BETTER) else max
+        scores[f"final_{key}"] = round(values[-1], 4) if values else ""
+        scores[f"best_{key}"] = round(pick(values), 4) if values else ""
     return {
         "point": os.path.basename(os.path.normpath(point_dir)),
         "overrides": _joined(overrides),
@@ -71,6 +93,7 @@ def summarize_point(point_dir: str) -> dict:
         "best_eval_loss": round(best[1], 4) if best else "", "best_eval_step": best[0] if best else "",
         "tokens_per_s": round(statistics.median(speeds[1:] or speeds), 1) if speeds else "",
         "wall_s": done.get("wall_s", "") if done else "",
+        **scores,
     }
 
 
@@ -100,51 +123,81 @@ def _md_cell(key, value) -> str:
 
 
 def write_report(workdir: str) -> list[str]:
-    """Writes summary.csv, summary.md and loss_curves.png of the sweep in `workdir`; returns their paths."""
+    """Writes summary.csv, summary.md, loss_curves.png and (when any point logged task scores) task_curves.png of
+    the sweep in `workdir`; returns their paths."""
     sweep = read_json(os.path.join(workdir, SWEEP_JSON))
     if sweep is None:
         raise ValueError(f"{workdir}: no {SWEEP_JSON}; is this the --workdir of a `granite-jax sweep`?")
-    rows = [summarize_point(os.path.join(workdir, name)) for name in sweep["points"]]
-    csv_path, md_path, png_path = (os.path.join(workdir, f) for f in ("summary.csv", "summary.md", "loss_curves.png"))
+    metrics = {name: read_metrics(os.path.join(workdir, name)) for name in sweep["points"]}
+    tasks = task_keys([r for records in metrics.values() for r in records])
+    rows = [summarize_point(os.path.join(workdir, name), tasks) for name in sweep["points"]]
+    # The task columns sit beside the eval loss; speed and wall time stay last.
+    at = COLUMNS.index("best_eval_step") + 1
+    columns = COLUMNS[:at] + tuple(f"{which}_{key}" for key in tasks for which in ("final", "best")) + COLUMNS[at:]
+    csv_path, md_path, png_path, tasks_png = (os.path.join(workdir, f) for f in (
+        "summary.csv", "summary.md", "loss_curves.png", "task_curves.png"))
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
     lines = [f"# Sweep {os.path.splitext(os.path.basename(sweep['sweep']))[0]}", "",
              f"Base `{os.path.relpath(sweep['base'].partition(':')[0])}`"
              + (f", every point: `{_joined(sweep['common'])}`" if sweep["common"] else "")
              + (f", command line: `{' '.join(sweep['extra'])}`" if sweep["extra"] else "") + ".", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_md_cell(k, row[k]) for k in COLUMNS) + " |" for row in rows]
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_md_cell(k, row[k]) for k in columns) + " |" for row in rows]
     lines += ["", "Losses: next-token cross entropy (nats/token); eval on the fixed held-out batches. "
               "tokens/s: median over logged steps. Curves: loss_curves.png."]
+    if tasks:
+        lines += ["", "Task scores (lm-eval, `eval.tasks`): final = at the point's last evaluation, best = the highest "
+                  "(the lowest for perplexities and bits per byte) over its evaluations. Curves: task_curves.png."]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
-    plot_curves({name: read_metrics(os.path.join(workdir, name)) for name in sweep["points"]}, png_path,
-                title=os.path.splitext(os.path.basename(sweep["sweep"]))[0])
-    return [csv_path, md_path, png_path]
+    title = os.path.splitext(os.path.basename(sweep["sweep"]))[0]
+    plot_curves(metrics, png_path, title=title)
+    if not tasks:
+        return [csv_path, md_path, png_path]
+    plot_task_curves(metrics, tasks, tasks_png, title=title)
+    return [csv_path, md_path, png_path, tasks_png]
 
 
 def plot_curves(metrics: dict[str, list[dict]], path: str, *, title: str) -> None:
     """Train loss (left) and, when logged, eval loss (right) against step, one curve per point."""
+    has_eval = any(_finite(m, "eval_loss") for m in metrics.values())
+    _plot_panels(metrics, [("loss", "train loss")] + ([("eval_loss", "eval loss (held out)")] if has_eval else []),
+                 path, title=f"sweep {title}")
+
+
+def plot_task_curves(metrics: dict[str, list[dict]], keys: list[str], path: str, *, title: str) -> None:
+    """One panel per task score (`eval_TASK_METRIC`) against step, one curve per point; the same x axis as
+    plot_curves, so the two figures read side by side."""
+    _plot_panels(metrics, [(key, key.removeprefix("eval_")) for key in keys], path,
+                 title=f"sweep {title}: task scores")
+
+
+def _plot_panels(metrics: dict[str, list[dict]], panels: list[tuple[str, str]], path: str, *, title: str) -> None:
+    """Panels (key, y label) in rows of at most 3, each a curve per point against step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_eval = any(_finite(m, "eval_loss") for m in metrics.values())
-    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(12 if has_eval else 7, 4.5), squeeze=False)
-    panels = [("loss", "train loss")] + ([("eval_loss", "eval loss (held out)")] if has_eval else [])
-    for ax, (key, label) in zip(axes[0], panels):
+    cols = min(len(panels), 3)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols if cols > 1 else 7, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        fig.delaxes(ax)
+    for ax, (key, label) in zip(axes.flat, panels):
         for name, records in metrics.items():
             points = _finite(records, key)
             if points:
-                ax.plot(*zip(*points), marker="o" if key == "eval_loss" else None, markersize=3, label=name)
+                ax.plot(*zip(*points), marker=None if key == "loss" else "o", markersize=3, label=name)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"sweep {title}")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -125,7 +125,47 @@ def test_report_from_metrics(tmp_path):
     assert "| done_pt | `model.x=1` | 2.00M | 1.00M | done |" in md
     with open(paths[2], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # No task scores logged: the table has exactly the loss columns, and there is no task figure.
+    assert next(csv.reader(open(paths[0]))) == list(sweep_report.COLUMNS) and len(paths) == 3
+    assert "task_curves.png" not in md and not (w / "task_curves.png").exists()
     assert sweep_report.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_report_has_task_score_columns_and_curves(tmp_path):
+    w = tmp_path / "w"
+    acc, ppl = "eval_tiny_stdlib_choice_acc", "eval_tiny_text_word_perplexity"
+    runs = {  # (step, loss, eval loss, acc, perplexity); the "loss_only" point logged no task scores
+        "a": [(1, 4.0, None, None, None), (2, 3.0, 3.5, 0.25, 90.0), (4, 2.5, 3.2, 0.45, 60.0),
+              (6, 2.4, 3.3, 0.40, 70.0)],
+        "b": [(2, 3.1, 3.6, 0.30, 80.0), (4, 2.9, 3.4, 0.35, 85.0)],
+        "loss_only": [(2, 3.3, 3.7, None, None)],
+    }
+    for name, rows in runs.items():
+        (w / name).mkdir(parents=True)
+        _write(w / name / sweep.POINT_JSON, json.dumps({"name": name, "overrides": {}, "steps": 6}))
+        records = [{"step": s, "loss": l, "tokens_per_s": 10.0, **({"eval_loss": e, "eval_tokens": 64} if e else {}),
+                    **({acc: a, acc + "_norm": a / 2, ppl: p} if a else {})} for s, l, e, a, p in rows]
+        _write(w / name / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    _write(w / sweep.SWEEP_JSON, json.dumps({"sweep": "/x/s.py", "base": ABLATION_BASE, "common": {}, "extra": [],
+                                             "points": list(runs)}))
+    paths = sweep_report.write_report(str(w))
+    header = next(csv.reader(open(paths[0])))
+    tasks = [f"{which}_{key}" for key in (acc, acc + "_norm", ppl) for which in ("final", "best")]
+    at = header.index("best_eval_step") + 1
+    assert header[at:at + len(tasks)] == tasks and header[at + len(tasks)] == "tokens_per_s"
+    assert "final_eval_tokens" not in header
+    rows = {r["point"]: r for r in csv.DictReader(open(paths[0]))}
+    a, b, loss_only = rows["a"], rows["b"], rows["loss_only"]
+    assert (a[f"final_{acc}"], a[f"best_{acc}"], a[f"final_{acc}_norm"], a[f"best_{acc}_norm"]) == (
+        "0.4", "0.45", "0.2", "0.225")
+    assert (a[f"final_{ppl}"], a[f"best_{ppl}"]) == ("70.0", "60.0")  # perplexity: the lowest is best
+    assert (b[f"final_{acc}"], b[f"best_{acc}"], b[f"final_{ppl}"], b[f"best_{ppl}"]) == ("0.35", "0.35", "85.0", "80.0")
+    assert all(loss_only[c] == "" for c in tasks) and loss_only["final_eval_loss"] == "3.7"
+    md = open(paths[1]).read()
+    assert "| " + " | ".join(header) + " |" in md and "task_curves.png" in md
+    assert paths[3] == str(w / "task_curves.png")
+    with open(paths[3], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_plot_has_one_curve_per_point(tmp_path, monkeypatch):
@@ -137,6 +177,27 @@ def test_plot_has_one_curve_per_point(tmp_path, monkeypatch):
     sweep_report.plot_curves(metrics, str(tmp_path / "x.png"), title="t")
     train_ax, eval_ax = saved["fig"].axes
     assert [line.get_label() for line in train_ax.lines] == ["p", "q"] == [ln.get_label() for ln in eval_ax.lines]
+    keys = [f"eval_t{i}_acc" for i in range(4)]
+    metrics["q"] = [{"step": s, **{k: 0.1 * s for k in keys[:2]}} for s in (2, 4)]  # q scored two of the tasks
+    sweep_report.plot_task_curves(metrics, keys, str(tmp_path / "y.png"), title="t")
+    axes = saved["fig"].axes  # one panel per task score, 3 to a row: the grid's two spare panels are removed
+    assert [ax.get_ylabel() for ax in axes] == [k.removeprefix("eval_") for k in keys]
+    assert [[ln.get_label() for ln in ax.lines] for ax in axes] == [["q"], ["q"], [], []]
+    assert list(axes[1].lines[0].get_xdata()) == [2, 4]
+
+
+def test_shipped_sweeps_score_the_shipped_task():
+    """The ablation base scores tiny_stdlib_choice at its evaluations (lm-eval is in the test extras), so the shipped
+    sweeps' reports get its columns; the speed-only sweep turns it off."""
+    from granite_jax import train
+    from granite_jax.inference.tasks import shipped_tasks
+
+    sweeps = os.path.join(REPO, "experiments", "sweeps")
+    for name in sorted(os.listdir(sweeps)):
+        spec = sweep.load_sweep(os.path.join(sweeps, name))
+        cfg = train.load_config(spec.base, spec.overrides(spec.points[0]))
+        assert tuple(cfg.eval.tasks) == (() if name == "ssd_chunk_size.py" else ("tiny_stdlib_choice",)), name
+        assert set(cfg.eval.tasks) <= set(shipped_tasks()) and cfg.eval.every_steps > 0
 
 
 def test_slurm_executor_renders_an_array_job(tmp_path, capsys, monkeypatch):
@@ -180,6 +241,7 @@ def test_two_point_sweep_runs_skips_and_finishes_after_a_kill(tmp_path):
     if "eval" in default_config():
         common["eval.every_steps"] = 6
         common["eval.data.sources"] = common["data.sources"]
+        common["eval.tasks"] = []  # the ablation base's task needs the demo corpus's tokenizer
     path = _write(tmp_path / "two.py", f"BASE = {ABLATION_BASE!r}\nCOMMON = {common!r}\n"
                   "POINTS = {'seed0': {'train.seed': 0}, 'seed1': {'train.seed': 1}}\n")
     w = tmp_path / "sweep"
