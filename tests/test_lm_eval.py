@@ -14,7 +14,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 
 from granite_jax import hf  # noqa: E402
 from granite_jax.inference import tasks  # noqa: E402
-from granite_jax.inference.lm_eval_model import GraniteJaxLM, pack_rows  # noqa: E402
+from granite_jax.inference.lm_eval_model import GraniteJaxLM, pack_rows, row_length  # noqa: E402
 
 MAX_LENGTH = 48  # the longer snippets take two rolling windows
 
@@ -110,6 +110,14 @@ def test_pack_rows_fits_and_covers():
     assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in row) <= 32 for row in rows)
     assert len(rows) == 4  # 111 tokens in rows of 32
+
+
+def test_row_length_shrinks_rows_for_few_requests_and_keeps_the_longest():
+    assert row_length([5, 9, 3], batch_size=8, max_length=2048) == 16  # the floor
+    assert row_length([40] * 80, batch_size=8, max_length=2048) == 512  # 400 tokens per row of one batch
+    assert row_length([300, 2], batch_size=8, max_length=2048) == 512  # the longest request fits
+    assert row_length([1500] * 64, batch_size=8, max_length=2048) == 2048  # never past max_length
+    assert row_length([100] * 8, batch_size=8, max_length=100) == 100
 
 
 def test_in_training_task_scores(setup):

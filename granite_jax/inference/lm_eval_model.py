@@ -1,8 +1,10 @@
 """An lm-evaluation-harness model backed by the framework's JAX model (no export): `granite_jax`.
 
-Loglikelihood requests are scored in fixed-shape batches [batch_size, max_length] of rows PACKED with several
-requests each, told apart by segment ids (documents in one row never see each other: the attention mask and the
-SSD/conv resets of the training path), so one compiled forward serves every batch. Tokenisation, empty contexts,
+Loglikelihood requests are scored in fixed-shape batches [batch_size, T] of rows PACKED with several requests each,
+told apart by segment ids (documents in one row never see each other: the attention mask and the SSD/conv resets of
+the training path), so one compiled forward serves every batch. T is max_length, or the smallest power of two that
+holds the longest request and an even share of all tokens per row when the requests are fewer (a small task does not
+pay for rows of 2048 tokens; at most log2(max_length) shapes are ever compiled). Tokenisation, empty contexts,
 left truncation and the rolling windows follow lm-eval's own `hf` model, so the numbers compare with it.
 `generate_until` runs through granite_jax.inference.generate.
 
@@ -24,6 +26,13 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from granite_jax.inference.generate import Generator
+
+
+def row_length(lengths: list[int], batch_size: int, max_length: int) -> int:
+    """The packed row length for these requests: a power of two (at least 16) or max_length, whichever is less,
+    holding the longest request and the mean tokens per row of one batch."""
+    need = max(max(lengths), -(-sum(lengths) // batch_size), 16)
+    return min(max_length, 1 << (need - 1).bit_length())
 
 
 def pack_rows(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -103,6 +112,7 @@ class GraniteJaxLM(TemplateLM):
             if max(tokens) >= V or min(tokens) < 0:
                 raise ValueError(f"token id {max(tokens)} is outside the model's vocabulary of {V}: the "
                                  "tokenizer does not belong to this model")
+        T = row_length(lengths, self.batch_size, T)
         rows = pack_rows(lengths, T) if self.pack else [[i] for i in range(len(sequences))]
         results: list[tuple[float, bool] | None] = [None] * len(sequences)
         batches = range(0, len(rows), self.batch_size)
