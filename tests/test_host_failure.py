@@ -61,9 +61,9 @@ def kill_and_time_exits(pids: list[int], victim: int) -> float:
     return lost
 
 
-def _wait_for_checkpoint_then_a_step(proc, workdir, after: int = 0, timeout: float = 600):
-    """Waits for a complete checkpoint past step `after` and for the step after it to be logged (so that the next
-    layout repeats a step this one logged)."""
+def _wait_for_checkpoint_then_a_step(proc, workdir, after: int = 0, skip_lines: int = 0, timeout: float = 600):
+    """Waits for a complete checkpoint past step `after` and for this attempt (the metrics.jsonl lines after the
+    first `skip_lines`) to log a step beyond it, so that the next attempt repeats a step this one logged."""
     deadline, metrics = time.monotonic() + timeout, os.path.join(workdir, "metrics.jsonl")
     while True:
         assert proc.poll() is None, f"the run ended (exit {proc.returncode}) before it could be interrupted"
@@ -71,8 +71,9 @@ def _wait_for_checkpoint_then_a_step(proc, workdir, after: int = 0, timeout: flo
         new = [s for s in _steps(workdir) if s > after]
         if new and os.path.exists(metrics):
             with open(metrics) as f:
-                if sum(1 for _ in f) > new[0]:
-                    return
+                lines = [line for line in f.readlines()[skip_lines:] if line.endswith("\n")]  # complete lines
+            if any(json.loads(line)["step"] > new[0] for line in lines):
+                return
         time.sleep(0.05)
 
 
@@ -132,7 +133,7 @@ def test_a_killed_process_stops_the_others_and_the_job_resumes_on_fewer_processe
                HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S), PYTHON=sys.executable)
     job = subprocess.Popen(["bash", os.path.join(REPO, "launch", "local.sh"), "2", *OVERRIDES], env=env,
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint_then_a_step(job, workdir, after=from_four)
+    _wait_for_checkpoint_then_a_step(job, workdir, after=from_four, skip_lines=ends[0])
     lost = kill_and_time_exits([int((workdir / f"process_{i}.pid").read_text()) for i in (0, 1)], victim=1)
     print(f"survivor of 2 exits {lost:.1f} s after the kill of process 1 (heartbeat timeout {HEARTBEAT_S} s)")
     ends.append(len(metric_lines(workdir)))
