@@ -187,5 +187,6 @@ def test_sbatch_job_checkpoints_stops_on_term_and_resumes_with_the_same_losses(c
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
     # Not bit for bit, and not because of SLURM: 2 processes of this model on this CPU differ from run to run in the
     # last float32 bits (more when other jobs load the machine), under srun or launch/local.sh alike, whatever the
-    # compilation cache, Eigen threading, CPU pinning or checkpoint saves (docs/training.md, "Determinism").
+    # compilation cache, Eigen threading, CPU pinning or checkpoint saves; 1 process driving the same 2 devices is
+    # bit for bit (docs/training.md, "Determinism").
     np.testing.assert_allclose([got[s] for s in sorted(got)], [expected[s] for s in sorted(got)], rtol=1e-5)
