@@ -1,6 +1,7 @@
 """Quickstart: a ~9M-parameter Granite-4.0-style hybrid MoE trained on the demo corpus, on CPU, in a few minutes.
 
-    granite-jax quickstart                      # prepares data/demo if missing, trains, exports runs/quickstart/hf
+    granite-jax quickstart                      # prepares data/demo if missing, trains, exports runs/quickstart/hf,
+                                                # samples a continuation, prints the shipped task's score
     # or by hand:
     granite-jax prepare --demo --out data/demo
     granite-jax train --config experiments/quickstart.py --workdir runs/quickstart
@@ -8,7 +9,8 @@
 Granite's pattern scaled down: 8 layers, Mamba-2 everywhere except one attention layer at index 5 (as layers 5, 15,
 25, 35 of the released 40-layer models), routed experts (8, top-2) plus the always-on shared SwiGLU expert, muP-style
 multipliers as the released models (embedding x12, residual x0.22, logits / (hidden/256)). The demo tokenizer has
-8192 tokens.
+8192 tokens. Every 100 steps the run scores the shipped 20-question multiple-choice task `tiny_stdlib_choice`
+(lm-evaluation-harness, offline; logged as `eval_tiny_stdlib_choice_acc`, chance 0.25).
 """
 
 from granite_jax.train import default_config
@@ -33,5 +35,6 @@ def get_config():
                         compute_dtype="float32", param_dtype="float32"))
     c.optimizer.weight_decay = 0.1
     c.schedule.update(dict(name="cosine", lr=3e-3, warmup_steps=30, min_lr_ratio=0.1))
+    c.eval.update(dict(every_steps=100, tasks=["tiny_stdlib_choice"]))  # needs `.[eval]`
     c.checkpoint.update({"every_steps": 100, "keep": 2})
     return c

@@ -1,6 +1,6 @@
-"""`granite-jax quickstart` end to end on the demo corpus (fewer steps than the README run): the loss falls, the model
-is exported in the Hugging Face layout, and training the same config with the same seed again gives bit-identical
-losses."""
+"""`granite-jax quickstart` end to end on the demo corpus (fewer steps than the README run): the loss falls, the
+shipped lm-eval task is scored during training, the model is exported in the Hugging Face layout and sampled from,
+and training the same config with the same seed again gives bit-identical losses."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_train import REPO, losses, run_train, subprocess_env
+from test_train import REPO, losses, metric_lines, run_train, subprocess_env
 
 pytestmark = pytest.mark.slow
 STEPS = 40
@@ -33,6 +33,14 @@ def test_quickstart_trains_exports_and_is_deterministic(demo, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a = losses(first)
     assert a[STEPS] < a[1] - 1.0, a  # from ~ln(8192) = 9.0 down by more than a nat
+    scores = [m for m in metric_lines(first) if "eval_tiny_stdlib_choice_acc" in m]
+    assert [m["step"] for m in scores] == [STEPS], scores  # every 100 steps and after the last
+    acc = scores[0]["eval_tiny_stdlib_choice_acc"]
+    assert 0 <= acc <= 1 and abs(acc * 20 - round(acc * 20)) < 1e-4, acc  # a share of the 20 questions
+    assert f"tiny_stdlib_choice accuracy (20 questions, chance 0.25), scored during training: step {STEPS}: " \
+           f"{acc:.2f}" in proc.stdout, proc.stdout[-3000:]
+    sample = proc.stdout.split("sampled continuation", 1)[1].splitlines()[1]
+    assert sample.startswith("    def __init__(self") and len(sample) > len("    def __init__(self"), sample
 
     from granite_jax import hf
     from granite_jax.checkpoint import restore_model
@@ -45,5 +53,6 @@ def test_quickstart_trains_exports_and_is_deterministic(demo, tmp_path):
     sources = f"--config.data.sources=[{{'name': 'demo', 'path': {os.path.abspath(demo)!r}, 'weight': 1.0}}]"
     second = tmp_path / "again"
     run_train(os.path.join(REPO, "experiments", "quickstart.py"), second, sources, f"--config.train.steps={STEPS}",
-              cache_dir=cache, timeout=1200)
+              f"--config.schedule.warmup_steps={STEPS // 10}", "--config.eval.every_steps=0", cache_dir=cache,
+              timeout=1200)
     assert losses(second) == a  # bit for bit
