@@ -13,7 +13,8 @@ Config section (`eval`):
     seq_len       None = train.seq_len
     data          the eval data config (sources, ...); None = no eval loss
     tasks         lm-evaluation-harness task names scored at every evaluation (e.g. ["tiny_stdlib_choice"], the
-                  offline tasks shipped in experiments/data/eval_tasks/, or hellaswag,... online); needs `.[eval]`
+                  offline tasks shipped in experiments/data/eval_tasks/, or hellaswag,... online); needs `.[eval]`;
+                  one-process runs only (a run of several processes logs a warning and scores no task)
     tasks_limit   at most this many examples per task; None = all
     tokenizer     the tokenizer.json (or folder) of the tasks; None = the first data source that has one
 
@@ -150,8 +151,16 @@ class Evaluator:
         t, e = cfg.train, cfg.eval
         batches = [] if e.data is None else eval_batches(e, batch_size=t.batch_size, seq_len=t.seq_len, seed=t.seed,
                                                          vocab_size=model_cfg.vocab_size)
+        import jax
+
         tasks = None
-        if e.get("tasks"):
+        if e.get("tasks") and jax.process_count() > 1:
+            # The lm-eval model scores on one host; a run of several processes keeps its eval loss and leaves task
+            # scores to `granite-jax eval` on its checkpoints.
+            log.warning("eval.tasks=%s is skipped in a run of %d processes (task scores need one process): score "
+                        "the checkpoints with `granite-jax eval WORKDIR --tasks %s`", list(e.tasks),
+                        jax.process_count(), ",".join(e.tasks))
+        elif e.get("tasks"):
             from flax import nnx
 
             from granite_jax.export import _tokenizer_source
