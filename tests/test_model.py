@@ -36,6 +36,7 @@ def moe_model():
     return GraniteModel(preset("debug-hybrid-moe", mamba_chunk_size=8), rngs=nnx.Rngs(0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rope", [False, True])
 def test_packed_documents_equal_documents_alone(rope):
     cfg = preset("debug-hybrid-moe", mamba_chunk_size=8, position_embedding_type="rope" if rope else None)
@@ -137,6 +138,7 @@ def test_interleave_plan():
     assert interleave_plan(("mamba",) * 4) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("period", [
     ("mamba", "attention", "mamba", "mamba"),  # the attention layer under lax.cond inside the Mamba scan
     ("mamba", "mamba", "attention"),  # an attention layer that ends the model
